@@ -1,0 +1,117 @@
+"""Benchmarks that print figures: the trainer's speed, and a lab's wall time and results.
+
+    python -m reglab.bench model [--n-layer 6 --n-head 6 --n-embd 384 --block-size 256 --batch-size 64
+                                  --steps 50 --compile]
+    python -m reglab.bench lab dropout --budget cpu     # executes the solution with papermill
+
+Speeds belong here, printed, not in timed unit tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def bench_model(args) -> dict:
+    from reglab.budget import resolve_device
+    from reglab.data import LMTask
+    from reglab.model import GPTConfig
+    from reglab.train import TrainConfig, new_model, train
+
+    device = resolve_device(args.device)
+    config = GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                       n_head=args.n_head, n_embd=args.n_embd, resid_dropout=args.dropout,
+                       attn_dropout=args.dropout, ffn_dropout=args.dropout, embd_dropout=args.dropout)
+    tokens = torch.randint(args.vocab_size, (200_000,))
+    task = LMTask(tokens[:180_000], tokens[180_000:], args.block_size, args.batch_size, eval_batches=1, device=device)
+    model = new_model(config, device=device)
+
+    def run(steps):
+        cfg = TrainConfig(steps=steps, warmup_steps=0, eval_every=steps, compile=args.compile, progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        history = train(model, task, cfg)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, history
+
+    run(args.warmup)                                   # compile, allocator, cuDNN heuristics
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_short, _ = run(args.steps)
+    t_long, history = run(2 * args.steps)
+    step_time = (t_long - t_short) / args.steps       # the difference cancels the fixed cost of a run (final eval)
+    figures = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else str(device),
+        "torch": torch.__version__, "params": model.num_params(), "n_layer": args.n_layer,
+        "n_head": args.n_head, "n_embd": args.n_embd, "block_size": args.block_size,
+        "batch_size": args.batch_size, "dropout": args.dropout, "compile": args.compile,
+        "step_ms": 1000 * step_time, "tokens_per_s": args.batch_size * args.block_size / step_time,
+        "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(),
+    }
+    for key, value in figures.items():
+        print(f"{key:>16}: {value:.4g}" if isinstance(value, float) else f"{key:>16}: {value}")
+    return figures
+
+
+def bench_lab(args) -> dict:
+    import papermill
+
+    from reglab.labs import ROOT, find_solution
+    from reglab.results import read_results
+
+    solution = find_solution(args.lab)
+    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="reglab-bench-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output = out_dir / f"{solution.stem}.{args.budget}.ipynb"
+    start = time.perf_counter()
+    papermill.execute_notebook(str(solution), str(output), cwd=str(ROOT),
+                               parameters={"budget": args.budget, "seed": args.seed, "device": args.device},
+                               kernel_name="python3", progress_bar=False)
+    wall = time.perf_counter() - start
+    record = read_results(output)
+    print(f"lab {args.lab} ({solution.name}), budget {args.budget}: {wall:.1f} s wall time")
+    print(json.dumps(record, indent=1))
+    print(f"executed notebook: {output}")
+    return {"wall_s": wall, **record}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reglab.bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    model = sub.add_parser("model", help="trainer step time, tokens/s and peak memory")
+    model.add_argument("--n-layer", type=int, default=6)
+    model.add_argument("--n-head", type=int, default=6)
+    model.add_argument("--n-embd", type=int, default=384)
+    model.add_argument("--block-size", type=int, default=256)
+    model.add_argument("--batch-size", type=int, default=64)
+    model.add_argument("--vocab-size", type=int, default=65)
+    model.add_argument("--dropout", type=float, default=0.0)
+    model.add_argument("--steps", type=int, default=50)
+    model.add_argument("--warmup", type=int, default=10)
+    model.add_argument("--compile", action="store_true")
+    model.add_argument("--device", default="auto")
+    lab = sub.add_parser("lab", help="execute a lab's solution and print its wall time and result record")
+    lab.add_argument("lab", help="short name (dropout, weight_decay, ...) or a solution's path")
+    lab.add_argument("--budget", default="auto", choices=["auto", "ci", "cpu", "gpu"])
+    lab.add_argument("--seed", type=int, default=0)
+    lab.add_argument("--device", default="auto")
+    lab.add_argument("--out", help="folder for the executed notebook (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    if args.what == "model":
+        bench_model(args)
+    else:
+        bench_lab(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
