@@ -32,22 +32,22 @@ def bench_model(args) -> dict:
     task = LMTask(tokens[:180_000], tokens[180_000:], args.block_size, args.batch_size, eval_batches=1, device=device)
     model = new_model(config, device=device)
 
-    def run(steps):
-        cfg = TrainConfig(steps=steps, warmup_steps=0, eval_every=steps, compile=args.compile, progress=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        history = train(model, task, cfg)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, history
+    # One run of 2 * steps: the first `steps` absorb compilation and allocator warm-up; the time
+    # between the evaluations at `steps` and at `2 * steps` is `steps` training steps plus one eval batch.
+    marks = []
 
-    run(args.warmup)                                   # compile, allocator, cuDNN heuristics
+    def mark(_model):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+        return {}
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t_short, _ = run(args.steps)
-    t_long, history = run(2 * args.steps)
-    step_time = (t_long - t_short) / args.steps       # the difference cancels the fixed cost of a run (final eval)
+    cfg = TrainConfig(steps=2 * args.steps, warmup_steps=0, eval_every=args.steps, compile=args.compile,
+                      progress=False)
+    train(model, task, cfg, on_eval=mark)
+    step_time = (marks[1] - marks[0]) / args.steps
     figures = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else str(device),
         "torch": torch.__version__, "params": model.num_params(), "n_layer": args.n_layer,
@@ -95,8 +95,7 @@ def main(argv=None) -> int:
     model.add_argument("--batch-size", type=int, default=64)
     model.add_argument("--vocab-size", type=int, default=65)
     model.add_argument("--dropout", type=float, default=0.0)
-    model.add_argument("--steps", type=int, default=50)
-    model.add_argument("--warmup", type=int, default=10)
+    model.add_argument("--steps", type=int, default=50, help="timed steps (after as many warm-up steps)")
     model.add_argument("--compile", action="store_true")
     model.add_argument("--device", default="auto")
     lab = sub.add_parser("lab", help="execute a lab's solution and print its wall time and result record")

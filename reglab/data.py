@@ -6,7 +6,8 @@
 - Deterministic synthetic tasks (modular addition to start).
 
 Every task has the same small interface the trainer uses: `train_batch(step, generator)` gives one
-(x, y) batch, `eval_batches(split)` the fixed batches a split is evaluated on.
+(x, y) batch (sampled with `generator`, on the generator's device), `eval_batches(split)` the fixed
+batches a split is evaluated on.
 """
 from __future__ import annotations
 
@@ -98,11 +99,11 @@ class LMTask:
         gen = torch.Generator().manual_seed(seed)
         # Fixed evaluation windows, the same at every evaluation, so curves are not noisy by sampling.
         self._eval_starts = {
-            split: torch.randint(len(s) - block_size - 1, (eval_batches, batch_size), generator=gen)
+            split: torch.randint(len(s) - block_size - 1, (eval_batches, batch_size), generator=gen).to(device)
             for split, s in self.streams.items()}
         # Single pass: the non-overlapping windows of the train stream, in a fixed random order.
         n_windows = (len(train) - 1) // block_size
-        self._pass_order = torch.randperm(n_windows, generator=gen) * block_size
+        self._pass_order = (torch.randperm(n_windows, generator=gen) * block_size).to(device)
         self._offsets = torch.arange(block_size + 1, device=self.device)
 
     @property
@@ -122,7 +123,8 @@ class LMTask:
             starts = self._pass_order[step * self.batch_size:(step + 1) * self.batch_size]
         else:
             high = len(self.streams["train"]) - self.block_size - 1
-            starts = torch.randint(high, (self.batch_size,), generator=generator)
+            # sampled where the generator lives: a GPU generator keeps the step free of host syncs
+            starts = torch.randint(high, (self.batch_size,), generator=generator, device=generator.device)
         return self._windows("train", starts)
 
     def eval_batches(self, split: str):
@@ -149,7 +151,7 @@ class ClassificationTask:
         x, y = self.splits["train"]
         if self.batch_size is None or self.batch_size >= len(x):
             return x, y
-        idx = torch.randint(len(x), (self.batch_size,), generator=generator).to(self.device)
+        idx = torch.randint(len(x), (self.batch_size,), generator=generator, device=generator.device).to(self.device)
         return x[idx], y[idx]
 
     def eval_batches(self, split: str):

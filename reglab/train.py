@@ -1,6 +1,6 @@
 """One training loop for every lab: AdamW with decay/no-decay groups, warmup + cosine, clipping, evaluation.
 
-A step, in order:  forward -> loss -> backward -> clip (log the pre-clip norm) -> set lr -> optimizer step.
+A step, in order:  set lr -> forward -> loss -> backward -> clip (log the pre-clip norm) -> optimizer step.
 Per step the history keeps the loss, the pre-clip gradient norm and the learning rate; per evaluation
 the train and val loss and accuracy and the total weight norm. Per-step values stay on the device until
 an evaluation, so a small model on a GPU is not slowed by a host sync every step.
@@ -46,6 +46,8 @@ class TrainConfig:
     seed: int = 0                    # batches and dropout masks; model init is seeded by new_model
     amp: bool = True                 # bf16 autocast on CUDA (ignored elsewhere)
     compile: bool = False            # torch.compile the model (worth it on a GPU for runs of many steps)
+    cuda_graph: bool = True          # on CUDA, replay the whole step as one CUDA graph (small models are
+                                     # launch-bound: ~150 kernel launches a step); built-in optimizers only
     progress: bool = True            # a tqdm progress bar
 
     def __post_init__(self):
@@ -96,15 +98,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay_params, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, config: TrainConfig, capturable: bool = False) -> torch.optim.Optimizer:
+    """The optimizer over param_groups. capturable=True (CUDA graphs) keeps lr as a device tensor."""
     groups = param_groups(model, config.weight_decay)
     on_cuda = next(model.parameters()).is_cuda
+    lr = torch.tensor(config.lr, device="cuda") if capturable else config.lr
+    extra = {"fused": on_cuda, "capturable": capturable}
     if config.optimizer == "adamw":
         # torch.optim.AdamW: theta <- theta * (1 - lr * wd), then the Adam step (decoupled decay)
-        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=on_cuda)
+        return torch.optim.AdamW(groups, lr=lr, betas=config.betas, eps=config.eps, **extra)
     if config.optimizer == "adam_l2":
         # torch.optim.Adam(weight_decay=wd): g <- g + wd * theta, so the decay passes through Adam's moments
-        return torch.optim.Adam(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=on_cuda)
+        return torch.optim.Adam(groups, lr=lr, betas=config.betas, eps=config.eps, **extra)
     return config.optimizer(groups, lr=config.lr, betas=config.betas, eps=config.eps)
 
 
@@ -143,7 +148,58 @@ def evaluate(model: torch.nn.Module, task, split: str, amp: bool = True) -> dict
 
 
 def _autocast(device: torch.device, amp: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+    # no weight-cast cache: a CUDA graph must recompute the casts on every replay
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda", cache_enabled=False)
+
+
+def _step(forward, optimizer, params, x, y, config: TrainConfig, device):
+    """forward -> loss -> backward -> clip (returns the pre-clip norm) -> optimizer step."""
+    with _autocast(device, config.amp):
+        logits = forward(x)
+    loss = loss_fn(logits, y, config.label_smoothing)
+    loss.backward()
+    # total norm = sqrt(sum over tensors of ||g||^2); grads scaled by min(1, c / (norm + 1e-6)) when clipping
+    norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip is not None else float("inf"))
+    optimizer.step()
+    return loss.detach(), norm
+
+
+class _GraphedStep:
+    """The whole step captured once as a CUDA graph, then replayed: one launch instead of ~150.
+
+    Capture needs a warm-up step; it runs with lr = 0 (parameters unchanged) and the optimizer's
+    moments and step counts are reset afterwards, so the run is the same as the eager one.
+    """
+
+    def __init__(self, forward, optimizer, params, task, config, device):
+        self.optimizer = optimizer
+        x, y = task.train_batch(0, torch.Generator(device=device).manual_seed(0))   # shapes only
+        self.x, self.y = x.clone(), y.clone()
+        self._set_lr(0.0)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            _step(forward, optimizer, params, self.x, self.y, config, device)
+        torch.cuda.current_stream().wait_stream(side)
+        optimizer.zero_grad(set_to_none=True)      # backward in the graph writes fresh gradients
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss, self.norm = _step(forward, optimizer, params, self.x, self.y, config, device)
+        for state in optimizer.state.values():     # forget the warm-up step
+            for value in state.values():
+                if torch.is_tensor(value):
+                    value.zero_()
+
+    def _set_lr(self, lr: float):
+        for group in self.optimizer.param_groups:
+            group["lr"].fill_(lr)
+
+    def __call__(self, x, y, lr: float):
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self._set_lr(lr)
+        self.graph.replay()
+        return self.loss, self.norm
 
 
 @dataclass
@@ -180,17 +236,24 @@ class History:
 
 
 def train(model: torch.nn.Module, task, config: TrainConfig,
-          on_eval: Callable[[torch.nn.Module], dict] | None = None, desc: str = "train") -> History:
+          on_eval: Callable[[torch.nn.Module], dict] | None = None, desc: str = "train",
+          stop_when: Callable[["History"], bool] | None = None) -> History:
     """Train model on task; returns its History. Raises NonFiniteLossError naming the first bad step.
 
     on_eval(model) may return extra metrics (floats) to store with each evaluation.
+    stop_when(history), asked after each evaluation, may end the run early by returning True (the
+    learning-rate schedule is still the one of config.steps; the history just ends sooner).
     """
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)                      # dropout masks
-    generator = torch.Generator().manual_seed(config.seed)   # batch sampling
-    optimizer = make_optimizer(model, config)
+    generator = torch.Generator(device=device).manual_seed(config.seed)   # batches, sampled on the device
+    graphed = (config.cuda_graph and device.type == "cuda" and not config.compile
+               and isinstance(config.optimizer, str))
+    optimizer = make_optimizer(model, config, capturable=graphed)
     params = [p for p in model.parameters() if p.requires_grad]
     forward = torch.compile(model) if config.compile else model
+    model.train()
+    graphed_step = _GraphedStep(forward, optimizer, params, task, config, device) if graphed else None
     history = History()
     losses = torch.zeros(config.steps, device=device)        # on the device: no sync per step
     norms = torch.zeros(config.steps, device=device)
@@ -207,24 +270,18 @@ def train(model: torch.nn.Module, task, config: TrainConfig,
                 raise NonFiniteLossError(synced + i, value, history)
         synced = upto
 
-    model.train()
     bar = tqdm(range(config.steps), desc=desc, disable=not config.progress, leave=False)
     for step in bar:
         x, y = task.train_batch(step, generator)
-        with _autocast(device, config.amp):
-            logits = forward(x)
-        loss = loss_fn(logits, y, config.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # total norm = sqrt(sum over tensors of ||g||^2); scaled by min(1, c / (norm + 1e-6)) when clipping
-        norms[step] = torch.nn.utils.clip_grad_norm_(
-            params, config.grad_clip if config.grad_clip is not None else float("inf"))
         lr = lr_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         history.lr.append(lr)
-        optimizer.step()
-        losses[step] = loss.detach()
+        if graphed_step is not None:
+            losses[step], norms[step] = graphed_step(x, y, lr)
+        else:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            losses[step], norms[step] = _step(forward, optimizer, params, x, y, config, device)
         history.tokens_seen += x.numel()
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             sync_and_check(step + 1)
@@ -234,15 +291,19 @@ def train(model: torch.nn.Module, task, config: TrainConfig,
                 record.update(on_eval(model))
             history.evals.append(record)
             bar.set_postfix(train=f"{record['train_loss']:.3f}", val=f"{record['val_loss']:.3f}")
+            if stop_when is not None and stop_when(history):
+                break
     bar.close()
     history.wall_time = time.perf_counter() - start
     return history
 
 
-def sweep(runs: dict, task, seeds=(0,), on_eval=None, progress: bool = True) -> dict[str, list[History]]:
+def sweep(runs: dict, task, seeds=(0,), on_eval=None, progress: bool = True,
+          stop_when=None) -> dict[str, list[History]]:
     """Train one fresh model per (setting, seed): runs maps a label to (GPTConfig, TrainConfig).
 
     Returns {label: [History per seed]}. The model's init and the batches both follow the seed.
+    stop_when(history) may end each run early (see `train`).
     """
     results = {}
     device = task.device
@@ -251,5 +312,6 @@ def sweep(runs: dict, task, seeds=(0,), on_eval=None, progress: bool = True) -> 
         for seed in seeds:
             model = new_model(gpt_config, seed=seed, device=device)
             config = replace(train_config, seed=seed, progress=progress)
-            results[label].append(train(model, task, config, on_eval=on_eval, desc=f"{label} seed {seed}"))
+            results[label].append(train(model, task, config, on_eval=on_eval, desc=f"{label} seed {seed}",
+                                        stop_when=stop_when))
     return results
