@@ -3,6 +3,7 @@
     python -m reglab.bench model [--n-layer 6 --n-head 6 --n-embd 384 --block-size 256 --batch-size 64
                                   --steps 50 --compile]
     python -m reglab.bench lab dropout --budget cpu     # executes the solution with papermill
+    python -m reglab.bench grade --lab dropout --n 30 --workers 2   # grades 30 copies of the solution
 
 Speeds belong here, printed, not in timed unit tests.
 """
@@ -104,9 +105,18 @@ def main(argv=None) -> int:
     lab.add_argument("--seed", type=int, default=0)
     lab.add_argument("--device", default="auto")
     lab.add_argument("--out", help="folder for the executed notebook (default: a temporary folder)")
+    grade = sub.add_parser("grade", help="grade n copies of a lab's solution; print total and per-submission time")
+    grade.add_argument("--lab", default="dropout", help="short name or a solution's path")
+    grade.add_argument("--n", type=int, default=30)
+    grade.add_argument("--workers", type=int, default=2)
+    grade.add_argument("--budget", default="ci", choices=["ci", "cpu", "gpu"])
+    grade.add_argument("--timeout", type=float, default=300.0, help="seconds per submission")
     args = parser.parse_args(argv)
     if args.what == "model":
         bench_model(args)
+    elif args.what == "grade":
+        from reglab.grade import benchmark
+        benchmark(args.lab, args.n, args.workers, args.budget, args.timeout)
     else:
         bench_lab(args)
     return 0

@@ -1,0 +1,407 @@
+"""The capstone's experiments: pretrain in one pass, fine-tune for many epochs (fully and with LoRA), and
+place every run on the regime map (times each token was seen x parameters per training token).
+
+The settings per budget live in SETTINGS; the notebooks call the functions below and keep only the
+plotting of what they show. The fine-tuning text is derived on the spot from the docstrings of a
+fixed list of standard-library modules (nothing is downloaded), or read from a file.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from reglab.budget import by_budget
+from reglab.data import Corpus, LMTask, load_corpus, split_tokens
+from reglab.lora import add_lora, trainable_parameters
+from reglab.model import GPT, GPTConfig
+from reglab.recipes import FINETUNING, PRETRAINING
+from reglab.train import History, evaluate, new_model, train
+
+STDLIB_DOCSTRINGS = "stdlib-docstrings"
+# Pure-Python modules whose docstrings are long and stable; the order fixes the text.
+DOCSTRING_MODULES = ("textwrap", "heapq", "json", "csv", "difflib", "statistics", "argparse",
+                     "contextlib", "functools", "dataclasses")
+
+
+@dataclass(frozen=True)
+class CapstoneSettings:
+    # --- the course model ---
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    # --- pretraining: one pass over the first pretrain_chars of the corpus's train split ---
+    pretrain_chars: int | None     # None: the whole train split
+    batch_size: int
+    lr: float                      # pretraining peak lr; fine-tuning scales it by the recipe's lr_ratio
+    pretrain_eval_every: int
+    # --- fine-tuning: many epochs over a small text ---
+    finetune_chars: int            # size of the fine-tuning text (train + val)
+    finetune_batch_size: int
+    finetune_steps: int
+    finetune_eval_every: int
+    lora_r: int
+    lora_alpha: float
+    eval_batches: int              # fixed evaluation batches per split
+    seeds: int                     # runs per setting: seed, seed + 1, ...
+    lora_dropouts: tuple[float, ...] = (0.0, 0.05, 0.1)
+    finetune_dropout: float = FINETUNING.resid_dropout
+
+    def gpt_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
+                         n_head=self.n_head, n_embd=self.n_embd)
+
+
+SETTINGS = {
+    # seconds on one thread: a 1-layer model, a 10k-character pass, 30-step fine-tunes
+    "ci": CapstoneSettings(n_layer=1, n_head=2, n_embd=32, block_size=32, pretrain_chars=10_000,
+                           batch_size=8, lr=3e-3, pretrain_eval_every=13, finetune_chars=3_000,
+                           finetune_batch_size=8, finetune_steps=30, finetune_eval_every=10,
+                           lora_r=4, lora_alpha=8.0, eval_batches=2, seeds=1),
+    # minutes on 2 cores: the course model, the whole corpus once, ~40 epochs of a 12k-character text,
+    # 2 seeds (about 105 s of single-thread CPU time per seed, estimated from measured step times)
+    "cpu": CapstoneSettings(n_layer=2, n_head=4, n_embd=64, block_size=64, pretrain_chars=None,
+                            batch_size=32, lr=3e-3, pretrain_eval_every=34, finetune_chars=12_000,
+                            finetune_batch_size=16, finetune_steps=400, finetune_eval_every=25,
+                            lora_r=8, lora_alpha=16.0, eval_batches=8, seeds=2),
+    # one GPU, under 3 minutes: a wider model, 2 seeds, ~60 epochs of a 16k-character text
+    "gpu": CapstoneSettings(n_layer=4, n_head=4, n_embd=128, block_size=128, pretrain_chars=None,
+                            batch_size=16, lr=2e-3, pretrain_eval_every=34, finetune_chars=16_000,
+                            finetune_batch_size=16, finetune_steps=800, finetune_eval_every=40,
+                            lora_r=8, lora_alpha=16.0, eval_batches=8, seeds=2),
+}
+
+
+def settings_for(budget: str) -> CapstoneSettings:
+    return by_budget(budget, **SETTINGS)
+
+
+# ---------------------------------------------------------------------------- the fine-tuning text
+
+def stdlib_docstrings(modules=DOCSTRING_MODULES) -> str:
+    """The docstrings of each module and of its public functions and classes, in a fixed order."""
+    parts = []
+    for module_name in modules:
+        module = importlib.import_module(module_name)
+        parts.append(inspect.getdoc(module) or "")
+        for name in sorted(vars(module)):
+            obj = getattr(module, name)
+            if name.startswith("_") or getattr(obj, "__module__", None) != module_name:
+                continue                      # private, or imported from elsewhere
+            if inspect.isfunction(obj) or inspect.isclass(obj):
+                parts.append(inspect.getdoc(obj) or "")
+    return "\n\n".join(part for part in parts if part)
+
+
+def finetune_corpus(source: str | Path, vocab: str, max_chars: int) -> Corpus:
+    """The fine-tuning text restricted to vocab (the pretraining corpus's characters), cut to max_chars.
+
+    source: STDLIB_DOCSTRINGS, or a path to any UTF-8 text file.
+    """
+    if str(source) == STDLIB_DOCSTRINGS:
+        allowed = set(vocab)
+        text = "".join(c for c in stdlib_docstrings() if c in allowed)
+        corpus = Corpus(text=text, chars=vocab, source=STDLIB_DOCSTRINGS)
+    else:
+        corpus = load_corpus(source, vocab=vocab)
+    if len(corpus.text) < max_chars:
+        raise ValueError(f"the fine-tuning text {corpus.source!r} has {len(corpus.text)} usable characters; "
+                         f"this budget needs {max_chars}")
+    return replace(corpus, text=corpus.text[:max_chars])
+
+
+def finetune_task(corpus: Corpus, settings: CapstoneSettings, seed: int = 0, device="cpu") -> LMTask:
+    """Random windows of the fine-tuning text (drawn with replacement: many epochs), 10% held out."""
+    train_tokens, val_tokens = split_tokens(corpus.encode(corpus.text))
+    return LMTask(train_tokens, val_tokens, settings.block_size, settings.finetune_batch_size,
+                  eval_batches=settings.eval_batches, seed=seed, device=device)
+
+
+# ---------------------------------------------------------------------------- runs
+
+@dataclass
+class Run:
+    """One training run and what the regime map needs to place it."""
+    label: str
+    history: History
+    trainable_params: int
+    train_tokens: int              # distinct tokens in the training split
+
+    @property
+    def epochs(self) -> float:
+        """How many times each training token was seen, on average."""
+        return self.history.tokens_seen / self.train_tokens
+
+    @property
+    def params_per_token(self) -> float:
+        return self.trainable_params / self.train_tokens
+
+
+@dataclass
+class Pretraining:
+    corpus: Corpus
+    task: LMTask
+    runs: dict[str, list[Run]]                                  # label -> one Run per seed
+    models: dict[str, list[GPT]] = field(repr=False, default_factory=dict)
+
+
+PRETRAIN_LABELS = ("dropout 0", "dropout 0.1")
+
+
+def pretrain(settings: CapstoneSettings, corpus: str | Path = "builtin", seed: int = 0, device="cpu",
+             progress: bool = False) -> Pretraining:
+    """The pretraining recipe for one pass over the corpus, with dropout 0 and 0.1 at every site, per seed."""
+    text = load_corpus(corpus)
+    train_tokens, val_tokens = split_tokens(text.encode(text.text))
+    if settings.pretrain_chars is not None:
+        train_tokens = train_tokens[:settings.pretrain_chars]
+    # what corpus_task(..., single_pass=True) builds, with this budget's number of evaluation batches
+    task = LMTask(train_tokens, val_tokens, settings.block_size, settings.batch_size, single_pass=True,
+                  eval_batches=settings.eval_batches, seed=seed, device=device)
+    base = PRETRAINING.gpt_config(settings.gpt_config(text.vocab_size))
+    steps = task.single_pass_steps                 # the same steps, hence the same compute, for both
+    result = Pretraining(corpus=text, task=task, runs={}, models={})
+    for label, config in zip(PRETRAIN_LABELS, (base, base.with_dropout(0.1))):
+        result.runs[label], result.models[label] = [], []
+        for s in range(seed, seed + settings.seeds):
+            model = new_model(config, seed=s, device=device)
+            train_config = PRETRAINING.train_config(steps, settings.lr, eval_every=settings.pretrain_eval_every,
+                                                    seed=s, progress=progress)
+            history = train(model, task, train_config, desc=f"pretrain {label} seed {s}")
+            result.runs[label].append(Run(label, history, model.num_params(), len(task.streams["train"])))
+            result.models[label].append(model)
+    return result
+
+
+FULL_LABELS = ("full", "full + dropout")
+
+
+def lora_label(p: float) -> str:
+    return f"LoRA p={p:g}"
+
+
+def finetune_labels(settings: CapstoneSettings) -> list[str]:
+    return [*FULL_LABELS, *(lora_label(p) for p in settings.lora_dropouts)]
+
+
+def finetune_model(pretrained: GPT, label: str, settings: CapstoneSettings) -> GPT:
+    """A copy of the pretrained model set up for one fine-tuning run (the pretrained model is untouched)."""
+    config = pretrained.config
+    if label == "full + dropout":
+        config = replace(config, resid_dropout=settings.finetune_dropout)
+    model = GPT(config).to(next(pretrained.parameters()).device)
+    model.load_state_dict(pretrained.state_dict())          # dropout modules hold no weights
+    if label.startswith("LoRA"):
+        p = float(label.split("=")[1])
+        add_lora(model, r=settings.lora_r, alpha=settings.lora_alpha, lora_dropout=p)
+    elif label not in FULL_LABELS:
+        raise ValueError(f"unknown fine-tuning run {label!r}; known: {finetune_labels(settings)}")
+    return model
+
+
+def finetune(pretraining: Pretraining, ft_task: LMTask, settings: CapstoneSettings, seed: int = 0,
+             progress: bool = False) -> dict[str, list[Run]]:
+    """Every fine-tuning run, per seed, from that seed's dropout-0 pretrained model.
+
+    Each evaluation also records `orig_loss`, the loss on the pretraining corpus's validation split:
+    how much of the original text the model forgets.
+    """
+    def on_eval(model):
+        return {"orig_loss": evaluate(model, pretraining.task, "val")["val_loss"]}
+
+    runs: dict[str, list[Run]] = {label: [] for label in finetune_labels(settings)}
+    train_tokens = len(ft_task.streams["train"])
+    for index, pretrained in enumerate(pretraining.models["dropout 0"]):
+        s = seed + index
+        for label in runs:
+            model = finetune_model(pretrained, label, settings)
+            ratio = FINETUNING.lora_lr_ratio if label.startswith("LoRA") else FINETUNING.lr_ratio
+            train_config = FINETUNING.train_config(settings.finetune_steps, ratio * settings.lr,
+                                                   eval_every=settings.finetune_eval_every, seed=s,
+                                                   progress=progress)
+            history = train(model, ft_task, train_config, on_eval=on_eval, desc=f"fine-tune {label} seed {s}")
+            runs[label].append(Run(label, history, trainable_parameters(model), train_tokens))
+    return runs
+
+
+# ---------------------------------------------------------------------------- summaries
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def spread(values) -> float:
+    values = list(values)
+    return max(values) - min(values)
+
+
+def pretraining_summary(pretraining: Pretraining) -> dict:
+    """Per label: final val loss (mean and spread over seeds), the train-val gap, seconds per step."""
+    out = {}
+    for label, runs in pretraining.runs.items():
+        finals = [run.history.final["val_loss"] for run in runs]
+        out[label] = {
+            "val_loss": mean(finals), "val_loss_spread": spread(finals),
+            "train_loss": mean(run.history.final["train_loss"] for run in runs),
+            "seconds_per_step": mean(run.history.wall_time / len(run.history.loss) for run in runs),
+            "steps": len(runs[0].history.loss), "epochs": runs[0].epochs,
+            "params_per_token": runs[0].params_per_token,
+        }
+    return out
+
+
+def finetuning_summary(runs: dict[str, list[Run]], orig_loss_before: list[float]) -> dict:
+    """Per label: best and final val loss on the new text, forgetting (rise of the loss on the original
+    corpus from before fine-tuning to the end), epochs and trainable parameters per token."""
+    out = {}
+    for label, per_seed in runs.items():
+        best = [run.history.best("val_loss")[1] for run in per_seed]
+        final = [run.history.final["val_loss"] for run in per_seed]
+        forgetting = [run.history.final["orig_loss"] - before for run, before in zip(per_seed, orig_loss_before)]
+        out[label] = {
+            "best_val_loss": mean(best), "best_val_loss_spread": spread(best),
+            "final_val_loss": mean(final), "final_val_loss_spread": spread(final),
+            "final_gap": mean(run.history.final_gap for run in per_seed),
+            "forgetting": mean(forgetting), "forgetting_spread": spread(forgetting),
+            "epochs": per_seed[0].epochs, "trainable_params": per_seed[0].trainable_params,
+            "params_per_token": per_seed[0].params_per_token,
+        }
+    return out
+
+
+# Which runs compare a regularizer against its baseline: (run, baseline, what the run adds).
+def comparisons(settings: CapstoneSettings) -> list[tuple[str, str, str, str]]:
+    """(phase, run, baseline, regularizer) for every effect the regime map marks."""
+    rows = [("pretraining", "dropout 0.1", "dropout 0", "dropout 0.1 (all sites)"),
+            ("fine-tuning", "full + dropout", "full", f"residual dropout {settings.finetune_dropout:g}"),
+            ("fine-tuning", lora_label(0.0), "full", f"LoRA rank {settings.lora_r} (frozen base)")]
+    rows += [("fine-tuning", lora_label(p), lora_label(0.0), f"lora_dropout {p:g}")
+             for p in settings.lora_dropouts if p > 0]
+    return rows
+
+
+def verdict(delta: float, noise: float) -> str:
+    """'helped' if the regularizer lowered the loss by more than the seed-to-seed noise, 'hurt' if it
+    raised it by more, else 'no clear effect'."""
+    if delta < -noise:
+        return "helped"
+    if delta > noise:
+        return "hurt"
+    return "no clear effect"
+
+
+def effects(settings: CapstoneSettings, pre: dict, fine: dict, metric: str = "final_val_loss") -> list[dict]:
+    """For each comparison: the change in loss it caused and the verdict, from the runs' summaries.
+
+    Pretraining is judged on its final val loss (one pass: final is what you get); fine-tuning on
+    `metric` of the new text's val loss. The noise floor is the larger seed spread of the two runs
+    (0 with one seed, so a single seed gives a verdict on any difference).
+    """
+    rows = []
+    for phase, run, baseline, regularizer in comparisons(settings):
+        table, key = (pre, "val_loss") if phase == "pretraining" else (fine, metric)
+        delta = table[run][key] - table[baseline][key]
+        noise = max(table[run][key + "_spread"], table[baseline][key + "_spread"])
+        rows.append({"phase": phase, "run": run, "baseline": baseline, "regularizer": regularizer,
+                     "delta": delta, "noise": noise, "verdict": verdict(delta, noise),
+                     "epochs": table[run]["epochs"], "params_per_token": table[run]["params_per_token"]})
+    return rows
+
+
+# ---------------------------------------------------------------------------- the regime map
+
+# Published pretraining runs, placed by parameters / training tokens (x: about one pass over most data).
+PUBLISHED_REGIMES = {
+    "GPT-3 175B": (175e9, 300e9, "Brown et al. 2020, Table 2.2 / §2.2"),
+    "Chinchilla 70B": (70e9, 1.4e12, "Hoffmann et al. 2022, §4.1"),
+    "Llama 2 7B": (7e9, 2.0e12, "Touvron et al. 2023, Table 1"),
+}
+
+VERDICT_COLORS = {"helped": "tab:green", "hurt": "tab:red", "no clear effect": "tab:gray", "baseline": "black"}
+
+
+def plot_regime_map(ax, points: list[dict], published: bool = True):
+    """Each point: {label, epochs, params_per_token, verdict}; log-log axes, colored by verdict.
+
+    Runs at the same coordinates (same epochs and trainable parameters) share a marker position; their
+    labels are stacked beside it.
+    """
+    stacked: dict[tuple[float, float], int] = {}
+    for point in points:
+        color = VERDICT_COLORS[point["verdict"]]
+        where = (point["epochs"], point["params_per_token"])
+        baseline = point["verdict"] == "baseline"
+        ax.scatter(*where, color=color, marker="o" if baseline else "s", s=90 if baseline else 40, zorder=3,
+                   facecolors="none" if baseline else color)
+        row = stacked.get(where, 0)
+        stacked[where] = row + 1
+        ax.annotate(f"{point['label']}: {point['verdict']}", where, textcoords="offset points",
+                    xytext=(8, 6 - 11 * row), fontsize=8, color=color)
+    if published:
+        for name, (params, tokens, _source) in PUBLISHED_REGIMES.items():
+            ax.scatter(1.0, params / tokens, color="tab:blue", marker="^", s=40, alpha=0.6, zorder=2)
+            ax.annotate(name, (1.0, params / tokens), textcoords="offset points", xytext=(6, -10),
+                        fontsize=8, color="tab:blue")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    largest = max([point["epochs"] for point in points] + [1.0])
+    ax.set_xlim(0.3, 10 ** math.ceil(math.log10(largest) + 0.5))
+    ax.axvline(1.0, color="gray", lw=0.8, ls=":")
+    ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("times each training token was seen (epochs, log)")
+    ax.set_ylabel("trainable parameters per training token (log)")
+    for verdict_name, color in VERDICT_COLORS.items():
+        if not any(point["verdict"] == verdict_name for point in points):
+            continue
+        ax.scatter([], [], color=color, marker="o" if verdict_name == "baseline" else "s", label=verdict_name,
+                   facecolors="none" if verdict_name == "baseline" else color)
+    if published:
+        ax.scatter([], [], color="tab:blue", marker="^", label="published pretraining")
+    ax.legend(fontsize=8, loc="lower right")
+    return ax
+
+
+def regime_points(settings: CapstoneSettings, pre: dict, fine: dict, metric: str = "final_val_loss") -> list[dict]:
+    """The regime map's points: each baseline run, and each regularized run marked helped / hurt."""
+    marked = {row["run"]: row["verdict"] for row in effects(settings, pre, fine, metric)}
+    points = []
+    for phase, table in (("pretraining", pre), ("fine-tuning", fine)):
+        for label, row in table.items():
+            name = f"{label} (pretrain)" if phase == "pretraining" else label
+            points.append({"label": name, "epochs": row["epochs"], "params_per_token": row["params_per_token"],
+                           "verdict": marked.get(label, "baseline")})
+    return points
+
+
+def show_finetune_run(runs: dict[str, list[Run]], label: str, orig_before: float):
+    """The slider's view: one fine-tuning run's curves in full color, the others faint (first seed each).
+
+    Left: the new text's train and val loss; right: the loss on the original corpus (forgetting).
+    """
+    import matplotlib.pyplot as plt
+
+    from reglab.plots import colors_for
+
+    colors = colors_for(runs)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
+    for name, per_seed in runs.items():
+        history = per_seed[0].history
+        alpha, width = (1.0, 2.2) if name == label else (0.25, 1.0)
+        left.plot(*history.series("val_loss"), color=colors[name], alpha=alpha, lw=width, label=name)
+        right.plot(*history.series("orig_loss"), color=colors[name], alpha=alpha, lw=width, label=name)
+        if name == label:
+            left.plot(*history.series("train_loss"), color=colors[name], ls=":", lw=width, label=f"{name} (train)")
+    right.axhline(orig_before, color="black", lw=0.8, ls="--", label="before fine-tuning")
+    left.set(title=f"new text: {label}", xlabel="step", ylabel="loss (nats per character)")
+    right.set(title="original corpus (forgetting)", xlabel="step", ylabel="val loss (nats per character)")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    plt.show()
+    best_step, best = runs[label][0].history.best("val_loss")
+    final = runs[label][0].history.final
+    print(f"{label}: best val loss {best:.3f} at step {best_step}, final {final['val_loss']:.3f}; "
+          f"original corpus {orig_before:.3f} -> {final['orig_loss']:.3f}")

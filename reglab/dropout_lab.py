@@ -1,0 +1,222 @@
+"""The dropout lab's experiments: per-budget settings in one place, and the small runners its cells call.
+
+Four experiments on the course model (reglab.model.GPT, whose dropout is PyTorch's):
+1. small data, many epochs: sweep p, watch train and val loss part (the overfitting regime);
+2. the same at one site at a time;
+3. one pass over more data, no token seen twice (the underfitting regime of pretraining);
+4. exact recall of random facts (reglab.recall) with and without dropout at the same budget.
+Tune a budget by editing its entry in SETTINGS; nothing else in the lab holds a size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from reglab.budget import by_budget
+from reglab.data import corpus_task
+from reglab.model import DROPOUT_SITES, GPTConfig
+from reglab.plots import colors_for
+from reglab.recall import recall_metrics, recall_task
+from reglab.train import TrainConfig, sweep
+
+
+@dataclass(frozen=True)
+class LabSettings:
+    """Everything the dropout lab's experiments depend on, for one budget."""
+    n_seeds: int                 # seeds per setting (seed, seed + 1, ...); min-max bands need >= 2
+    # --- the course model and optimizer for the text experiments ---
+    n_layer: int
+    n_embd: int
+    n_head: int
+    block_size: int              # characters of context
+    batch_size: int              # windows per step
+    lr: float                    # AdamW peak learning rate (warmup, then cosine to lr / 10)
+    # --- 1. small data, many epochs (2. reuses it, one site at a time) ---
+    train_chars: int             # only the first train_chars of the train split: small enough to overfit
+    steps: int                   # optimizer steps; epochs = steps * batch_size * block_size / train_chars
+    eval_every: int
+    # --- 3. single pass: each training window is seen once ---
+    single_pass_batch: int       # smaller batches give more steps from the same one pass
+    single_pass_max_steps: int   # the pass is cut here if the corpus holds more
+    # --- 4. exact recall of random facts ---
+    recall_facts: int            # facts to memorize (keys of 4 tokens -> values of 2 tokens, 16 symbols)
+    recall_n_layer: int
+    recall_n_embd: int
+    recall_steps: int
+    recall_batch: int
+    # --- what is swept ---
+    ps: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)    # the issue's sweep; p = 0 is the baseline
+    site_p: float = 0.2          # p at the one active site in experiment 2
+    compare_p: float = 0.2       # the dropout setting of experiments 3 and 4 (against p = 0)
+    recall_lr: float = 3e-3
+    weight_decay: float = 0.0    # off, so dropout is the only regularizer (the weight-decay lab adds it)
+
+    def gpt(self, vocab_size: int, p: float = 0.0, sites=DROPOUT_SITES) -> GPTConfig:
+        """The text model with dropout p at the named sites."""
+        return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
+                         n_head=self.n_head, n_embd=self.n_embd).with_dropout(p, sites)
+
+    def train_config(self, steps: int | None = None, lr: float | None = None) -> TrainConfig:
+        steps = steps or self.steps
+        return TrainConfig(steps=steps, lr=lr or self.lr, warmup_steps=max(1, steps // 20),
+                           weight_decay=self.weight_decay, eval_every=min(self.eval_every, steps))
+
+
+SETTINGS = {
+    # seconds on one CPU thread: tiny numbers, every code path of the gpu run
+    "ci": LabSettings(n_seeds=1, n_layer=1, n_embd=32, n_head=2, block_size=32, batch_size=8, lr=3e-3,
+                      train_chars=4_000, steps=30, eval_every=10, single_pass_batch=8, single_pass_max_steps=15,
+                      recall_facts=32, recall_n_layer=1, recall_n_embd=32, recall_steps=30, recall_batch=32),
+    # under 5 minutes on 2 CPU cores: 60 epochs of 10k characters, enough for p = 0 to overfit
+    "cpu": LabSettings(n_seeds=1, n_layer=2, n_embd=64, n_head=4, block_size=64, batch_size=16, lr=3e-3,
+                       train_chars=10_000, steps=600, eval_every=50, single_pass_batch=16,
+                       single_pass_max_steps=400, recall_facts=512, recall_n_layer=2, recall_n_embd=64,
+                       recall_steps=500, recall_batch=64),
+    # one H100, two seeds, under 2 minutes (not yet measured: the lead's GPU run sets these)
+    "gpu": LabSettings(n_seeds=2, n_layer=4, n_embd=256, n_head=4, block_size=128, batch_size=64, lr=1e-3,
+                       train_chars=100_000, steps=800, eval_every=50, single_pass_batch=16,
+                       single_pass_max_steps=400, recall_facts=4096, recall_n_layer=2, recall_n_embd=128,
+                       recall_steps=1000, recall_batch=256),
+}
+
+
+def lab_settings(budget: str) -> LabSettings:
+    return by_budget(budget, **SETTINGS)
+
+
+def label(p: float) -> str:
+    return f"p={p:g}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runners: each returns {label: [History per seed]}
+# ---------------------------------------------------------------------------------------------------
+
+def small_data_task(settings: LabSettings, corpus: str, session):
+    """The first train_chars of the corpus's train split, windows drawn at random (many epochs)."""
+    return corpus_task(corpus, settings.block_size, settings.batch_size, max_train_chars=settings.train_chars,
+                       seed=session.seed, device=session.device)
+
+
+def _seeds(settings: LabSettings, session) -> list[int]:
+    return [session.seed + i for i in range(settings.n_seeds)]
+
+
+def p_sweep(settings: LabSettings, text, task, session) -> dict:
+    """Experiment 1: dropout p at every site, for each p in settings.ps."""
+    runs = {label(p): (settings.gpt(text.vocab_size, p), settings.train_config()) for p in settings.ps}
+    return sweep(runs, task, seeds=_seeds(settings, session))
+
+
+def site_sweep(settings: LabSettings, text, task, session) -> dict:
+    """Experiment 2: dropout site_p at one site at a time (the sweep's p = 0 and all-sites runs are the references)."""
+    runs = {site: (settings.gpt(text.vocab_size, settings.site_p, [site]), settings.train_config())
+            for site in DROPOUT_SITES}
+    return sweep(runs, task, seeds=_seeds(settings, session))
+
+
+def single_pass_sweep(settings: LabSettings, corpus: str, session) -> dict:
+    """Experiment 3: p = 0 vs compare_p, each training window seen exactly once."""
+    text, task = corpus_task(corpus, settings.block_size, settings.single_pass_batch, single_pass=True,
+                             seed=session.seed, device=session.device)
+    steps = min(task.single_pass_steps, settings.single_pass_max_steps)
+    config = replace(settings.train_config(steps), eval_every=max(1, steps // 8))
+    runs = {label(p): (settings.gpt(text.vocab_size, p), config) for p in (0.0, settings.compare_p)}
+    return sweep(runs, task, seeds=_seeds(settings, session))
+
+
+def recall_sweep(settings: LabSettings, session):
+    """Experiment 4: exact recall of random facts, p = 0 vs compare_p, same steps; returns (task, results)."""
+    task = recall_task(n_facts=settings.recall_facts, batch_size=settings.recall_batch, seed=session.seed,
+                       device=session.device)
+    base = GPTConfig(vocab_size=task.vocab_size, block_size=task.block_size, n_layer=settings.recall_n_layer,
+                     n_head=4, n_embd=settings.recall_n_embd)
+    config = replace(settings.train_config(settings.recall_steps, settings.recall_lr),
+                     eval_every=max(1, settings.recall_steps // 10))
+    runs = {label(p): (base.with_dropout(p), config) for p in (0.0, settings.compare_p)}
+    return task, sweep(runs, task, seeds=_seeds(settings, session), on_eval=recall_metrics(task))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figures: what the lab reports and plots
+# ---------------------------------------------------------------------------------------------------
+
+def summarize(results: dict) -> dict:
+    """Per setting, the mean over seeds of: best val loss, the step it was reached, the final train-val
+    gap, and the final val loss; plus the per-seed values of the first three."""
+    table = {}
+    for name, histories in results.items():
+        best = [h.best("val_loss") for h in histories]
+        row = {"best_val_loss": float(np.mean([b[1] for b in best])),
+               "best_step": float(np.mean([b[0] for b in best])),
+               "final_gap": float(np.mean([h.final_gap for h in histories])),
+               "final_val_loss": float(np.mean([h.final["val_loss"] for h in histories])),
+               "per_seed": {"best_val_loss": [b[1] for b in best], "best_step": [b[0] for b in best],
+                            "final_gap": [h.final_gap for h in histories]}}
+        if "recall" in histories[0].final:
+            row["recall"] = float(np.mean([h.final["recall"] for h in histories]))
+            row["heldout_recall"] = float(np.mean([h.final["heldout_recall"] for h in histories]))
+            row["per_seed"]["recall"] = [h.final["recall"] for h in histories]
+        table[name] = row
+    return table
+
+
+def print_summary(table: dict, title: str) -> None:
+    print(title)
+    print(f"{'setting':>14} {'best val loss':>14} {'at step':>8} {'final gap':>10} {'final val':>10}"
+          + (f" {'recall':>7}" if any("recall" in row for row in table.values()) else ""))
+    for name, row in table.items():
+        print(f"{name:>14} {row['best_val_loss']:14.3f} {row['best_step']:8.0f} {row['final_gap']:10.3f} "
+              f"{row['final_val_loss']:10.3f}" + (f" {row['recall']:7.1%}" if "recall" in row else ""))
+
+
+def plot_train_val(ax, results: dict, colors: dict, title: str, highlight: str | None = None):
+    """Val loss (solid) and train loss (dashed) per setting: the mean over seeds, with the min-max band
+    when there are several. With highlight, every other setting is drawn faded and unlabelled."""
+    for name, histories in results.items():
+        faded = highlight is not None and name != highlight
+        for key, style in (("val_loss", "-"), ("train_loss", "--")):
+            steps = histories[0].series(key)[0]
+            values = np.array([h.series(key)[1] for h in histories], dtype=float)     # (seeds, evals)
+            ax.plot(steps, values.mean(0), style, color=colors[name], alpha=0.2 if faded else 1.0,
+                    label=None if faded else f"{name} {key.split('_')[0]}")
+            if len(histories) > 1 and not faded:
+                ax.fill_between(steps, values.min(0), values.max(0), color=colors[name], alpha=0.15)
+    ax.set(title=title, xlabel="step", ylabel="loss (nats per character)")
+    ax.legend(fontsize=7, ncol=2)
+    return ax
+
+
+def plot_table_points(table: dict, colors: dict, title: str, keys=("best_val_loss", "final_gap")) -> None:
+    """One panel per figure of a summarize() table (e.g. best val loss, final gap): a point per setting at
+    the mean over seeds, with a bar from the lowest to the highest seed."""
+    names = list(table)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.4))
+    for ax, key in zip(np.atleast_1d(axes), keys):
+        for i, name in enumerate(names):
+            per_seed = table[name]["per_seed"][key]
+            mean = table[name][key]
+            ax.errorbar(i, mean, yerr=[[mean - min(per_seed)], [max(per_seed) - mean]], fmt="o", capsize=4,
+                        color=colors[name])
+        ax.set_xticks(range(len(names)), names, rotation=30)
+        ax.set(title=key.replace("_", " "), ylabel="nats per character")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    plt.show()
+
+
+def show_sweep(results: dict, p: float, colors: dict | None = None) -> None:
+    """The slider's view: every p's curves faded, the chosen p's train and val curves in full, and its numbers."""
+    colors = colors or colors_for(results)
+    chosen = label(p)
+    if chosen not in results:
+        raise ValueError(f"p={p} was not swept; the sweep has {list(results)}")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    plot_train_val(ax, results, colors, f"small data, many epochs: {chosen} highlighted", highlight=chosen)
+    plt.show()
+    row = summarize({chosen: results[chosen]})[chosen]
+    print(f"{chosen}: best val loss {row['best_val_loss']:.3f} at step {row['best_step']:.0f}, "
+          f"final train-val gap {row['final_gap']:.3f}")

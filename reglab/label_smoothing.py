@@ -1,0 +1,582 @@
+"""Label smoothing: train against (1 - alpha) * onehot + alpha / V, whose optimum is a finite logit gap.
+
+The loss and its closed forms (the smoothed target, the optimal gap log((1 - a + a/V) / (a/V)), the
+gradient's limit a - a/V as the true class becomes certain), the calibration tools the lab measures
+with (expected calibration error over equal-width confidence bins, reliability diagrams, temperature
+scaling), the lecture's widget, and the lab's task, per-budget settings and runners.
+
+Convention: V is the number of classes the softmax runs over, alpha the total mass moved to the
+uniform distribution (Szegedy et al. 2016, §7), so every class, the true one included, gets alpha / V.
+This is what `F.cross_entropy(..., label_smoothing=alpha)` computes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from reglab.budget import by_budget
+from reglab.data import ClassificationTask
+from reglab.model import GPTConfig
+from reglab.plots import colors_for
+from reglab.train import History, TrainConfig, new_model, train
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_alpha(alpha: float, allow_one: bool = True) -> None:
+    high_ok = alpha <= 1.0 if allow_one else alpha < 1.0
+    if not (0.0 <= alpha and high_ok):
+        raise ValueError(f"alpha must be in [0, 1{']' if allow_one else ')'}, got {alpha!r}")
+
+
+def _check_classes(n_classes: int) -> None:
+    if int(n_classes) != n_classes or n_classes < 2:
+        raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The loss
+# --------------------------------------------------------------------------------------------------
+
+def smoothed_target(target: torch.Tensor, n_classes: int, alpha: float, dtype=torch.float32) -> torch.Tensor:
+    """The smoothed target distribution, shape target.shape + (n_classes,): each row sums to 1."""
+    _check_alpha(alpha)
+    _check_classes(n_classes)
+    onehot = F.one_hot(target, n_classes).to(dtype)
+    # y = (1 - a) * onehot + a / V: the true class gets 1 - a + a/V, every other class a/V
+    return (1 - alpha) * onehot + alpha / n_classes
+
+
+def label_smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, alpha: float,
+                                 ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy against the smoothed target; equals F.cross_entropy(..., label_smoothing=alpha).
+
+    logits (N, V) with target (N,), or (N, V, d1, ...) with target (N, d1, ...): the class dimension
+    is 1, as in F.cross_entropy. Positions whose target is ignore_index contribute nothing, and the
+    'mean' divides by the number of the other positions.
+    """
+    _check_alpha(alpha)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    log_probs = F.log_softmax(logits, dim=1)                              # (N, V, ...)
+    keep = target != ignore_index                                         # (N, ...)
+    safe_target = torch.where(keep, target, torch.zeros_like(target))     # any valid index; masked below
+    nll = -log_probs.gather(1, safe_target.unsqueeze(1)).squeeze(1)       # -log p_y, (N, ...)
+    uniform = -log_probs.mean(dim=1)                                      # mean_k -log p_k, (N, ...)
+    # L = -sum_k y_k log p_k with y = (1 - a) onehot + a/V  =  (1 - a) * nll + a * uniform
+    loss = torch.where(keep, (1 - alpha) * nll + alpha * uniform, torch.zeros_like(nll))
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / keep.sum()
+
+
+def optimal_true_probability(alpha: float, n_classes: int) -> float:
+    """The probability the smoothed loss wants on the true class: 1 - alpha + alpha / V."""
+    _check_alpha(alpha)
+    _check_classes(n_classes)
+    return 1 - alpha + alpha / n_classes
+
+
+def optimal_logit_gap(alpha: float, n_classes: int) -> float:
+    """Logit gap (true class minus each other class) that minimizes the smoothed loss.
+
+    With the other classes equal, p_true / p_other = exp(gap), and the minimum puts p = y, so
+    gap = log((1 - a + a/V) / (a/V)) = log(1 + V (1 - a) / a). Infinite for alpha = 0.
+    """
+    _check_alpha(alpha)
+    _check_classes(n_classes)
+    if alpha == 0:
+        return math.inf
+    return math.log1p(n_classes * (1 - alpha) / alpha)
+
+
+def true_class_gradient_limit(alpha: float, n_classes: int) -> float:
+    """dL/dz_true = p_true - y_true tends to 1 - (1 - a + a/V) = a - a/V as p_true -> 1 (0 without smoothing)."""
+    _check_alpha(alpha)
+    _check_classes(n_classes)
+    return alpha - alpha / n_classes
+
+
+def logit_gap(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per example: the true class's logit minus the mean of the other logits. logits (N, V), target (N,)."""
+    true_logit = logits.gather(1, target[:, None])[:, 0]                         # (N,)
+    others_mean = (logits.sum(1) - true_logit) / (logits.size(1) - 1)           # (N,)
+    return true_logit - others_mean
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class ReliabilityData:
+    """Predictions grouped by confidence (the top softmax probability) into equal-width bins on [0, 1].
+
+    Bin m holds confidences in ((m-1)/M, m/M]. Empty bins have count 0 and NaN confidence and accuracy.
+    """
+    edges: np.ndarray        # (M + 1,) bin edges 0, 1/M, ..., 1
+    confidence: np.ndarray   # (M,) mean confidence in each bin
+    accuracy: np.ndarray     # (M,) fraction of correct top-1 predictions in each bin
+    count: np.ndarray        # (M,) examples in each bin
+
+    @property
+    def ece(self) -> float:
+        """ECE = sum_m (n_m / N) |acc_m - conf_m| (Guo et al. 2017, §2; Naeini et al. 2015)."""
+        filled = self.count > 0
+        weights = self.count[filled] / self.count.sum()
+        return float(np.sum(weights * np.abs(self.accuracy[filled] - self.confidence[filled])))
+
+    def noise_bound(self, failure_rate: float = 1e-3) -> float:
+        """An ECE that a perfectly calibrated predictor stays below with probability >= 1 - failure_rate.
+
+        Given the confidences, bin m's accuracy is a mean of n_m independent 0/1 outcomes whose mean
+        is the bin's confidence; Hoeffding bounds |acc_m - conf_m| by sqrt(log(2M / rate) / (2 n_m))
+        for all M bins at once (union bound). Finite samples alone make the ECE positive.
+        """
+        filled = self.count > 0
+        n_bins = len(self.count)
+        per_bin = np.sqrt(np.log(2 * n_bins / failure_rate) / (2 * self.count[filled]))
+        return float(np.sum(self.count[filled] / self.count.sum() * per_bin))
+
+
+def reliability_data(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> ReliabilityData:
+    """Bin the top-1 predictions of logits (N, V) by confidence into n_bins equal-width bins.
+
+    15 bins as in Guo et al. 2017 (§5). Log-probabilities work as logits (softmax returns the probabilities).
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be at least 1, got {n_bins}")
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"need logits (N, V) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    probs = torch.softmax(logits.detach().double(), dim=1)
+    confidence, prediction = probs.max(dim=1)                                   # (N,), (N,)
+    correct = (prediction == labels).double()
+    # bin m (0-based) holds ((m)/M, (m+1)/M]: index ceil(conf * M) - 1
+    index = (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)
+    count = torch.bincount(index, minlength=n_bins).double()
+    conf_sum = torch.bincount(index, weights=confidence, minlength=n_bins)
+    correct_sum = torch.bincount(index, weights=correct, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ReliabilityData(edges=np.linspace(0.0, 1.0, n_bins + 1),
+                               confidence=(conf_sum / count).cpu().numpy(),
+                               accuracy=(correct_sum / count).cpu().numpy(),
+                               count=count.cpu().numpy())
+
+
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """ECE of the top-1 predictions over n_bins equal-width confidence bins (0 = perfectly calibrated)."""
+    return reliability_data(logits, labels, n_bins).ece
+
+
+def plot_reliability(ax, data: ReliabilityData, color: str = "C0", label: str | None = None,
+                     title: str | None = None):
+    """Reliability diagram: accuracy per confidence bin as bars, the diagonal as perfect calibration."""
+    width = data.edges[1] - data.edges[0]
+    filled = data.count > 0
+    ax.bar(data.edges[:-1][filled], data.accuracy[filled], width=width, align="edge", color=color,
+           alpha=0.7, edgecolor="black", linewidth=0.5,
+           label=f"{label}: ECE {data.ece:.3f}" if label else f"ECE {data.ece:.3f}")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top softmax probability)")
+    ax.set_ylabel("accuracy in bin")
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="upper left", fontsize="small")
+    return ax
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 100) -> float:
+    """The temperature T > 0 minimizing the NLL of softmax(logits / T) on (logits, labels) (Guo et al. 2017, §4.2).
+
+    Fit it on a validation split, never on the data reported. Optimizes log T with L-BFGS: the NLL is
+    convex in 1/T, so the minimum is unique; dividing by T never changes the argmax, so accuracy is kept.
+    """
+    logits, labels = logits.detach().double(), labels.detach()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10,
+                                  tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp())
+
+
+# --------------------------------------------------------------------------------------------------
+# The lecture's widget
+# --------------------------------------------------------------------------------------------------
+
+def show_label_smoothing(alpha: float = 0.1, n_classes: int = 10) -> None:
+    """Draw the smoothed target, the optimal logit gap against alpha, and the true-class gradient near certainty."""
+    _check_alpha(alpha, allow_one=False)
+    _check_classes(n_classes)
+    V = int(n_classes)
+    target = smoothed_target(torch.tensor(0), V, alpha, torch.float64).numpy()
+    gap, limit = optimal_logit_gap(alpha, V), true_class_gradient_limit(alpha, V)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+
+    ax = axes[0]
+    ax.bar(np.arange(V), target, color=["C1"] + ["C0"] * (V - 1))
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"smoothed target, alpha={alpha:.2f}, V={V}")
+    ax.set_xlabel("class (0 = the true class)")
+    ax.set_ylabel("target probability")
+
+    ax = axes[1]
+    alphas = np.linspace(0.005, 0.99, 200)
+    ax.plot(alphas, np.log1p(V * (1 - alphas) / alphas), color="C0", label=f"V={V}")
+    if alpha > 0:
+        ax.plot([alpha], [gap], "o", color="C1", label=f"alpha={alpha:.2f}: gap {gap:.2f}")
+    ax.set_yscale("log")
+    ax.set_title("optimal logit gap log(1 + V(1-a)/a)")
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("logit gap (nats)")
+    ax.legend(fontsize="small")
+
+    ax = axes[2]
+    p_true = np.linspace(0.5, 0.9999, 400)
+    ax.plot(p_true, p_true - 1.0, color="gray", label="hard target: p - 1 -> 0")
+    ax.plot(p_true, p_true - (1 - alpha + alpha / V), color="C1", label=f"smoothed: -> {limit:.3f}")
+    ax.axhline(0.0, color="black", linewidth=0.5)
+    ax.axvline(1 - alpha + alpha / V, color="C1", linestyle=":", label="optimum p = 1 - a + a/V")
+    ax.set_ylim(-0.55, 0.55)
+    ax.set_title("true-class gradient dL/dz = p - y")
+    ax.set_xlabel("p of the true class")
+    ax.set_ylabel("dL/dz_true")
+    ax.legend(fontsize="small", loc="lower right")
+    fig.tight_layout()
+    plt.show()
+    gap_text = "infinite (no finite optimum)" if math.isinf(gap) else f"{gap:.3f} nats"
+    print(f"alpha={alpha:.2f}, V={V}: true class target {target[0]:.4f}, each other class {alpha / V:.4f}; "
+          f"optimal logit gap {gap_text}; true-class gradient as p -> 1: {limit:+.4f}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The lab's task: a bag of tokens whose class is ambiguous, with uniform label noise
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class BagOfTokens:
+    """A synthetic sequence-classification task whose Bayes-optimal posterior is known exactly.
+
+    Draw a class c uniformly, then seq_len tokens i.i.d. from the class's token distribution pi_c;
+    with probability label_noise the label is then redrawn uniformly over all classes. So
+    p(y | x) = (1 - noise) * posterior(c | x) + noise / C: the best any model can do is known.
+    """
+    token_log_probs: torch.Tensor    # (C, vocab) log pi_c
+    seq_len: int
+    label_noise: float
+
+    @property
+    def n_classes(self) -> int:
+        return self.token_log_probs.size(0)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.token_log_probs.size(1)
+
+    @classmethod
+    def make(cls, n_classes: int, vocab_size: int, seq_len: int, sharpness: float, label_noise: float,
+             seed: int) -> "BagOfTokens":
+        """Class token distributions softmax(sharpness * g_c), g_c ~ N(0, I): sharper is easier."""
+        if not 0.0 <= label_noise < 1.0:
+            raise ValueError(f"label_noise must be in [0, 1), got {label_noise}")
+        generator = torch.Generator().manual_seed(seed)
+        scores = torch.randn(n_classes, vocab_size, generator=generator, dtype=torch.float64)
+        return cls(torch.log_softmax(sharpness * scores, dim=1), seq_len, label_noise)
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """n sequences x (n, seq_len) and their (noisy) labels y (n,)."""
+        c = torch.randint(self.n_classes, (n,), generator=generator)
+        x = torch.multinomial(self.token_log_probs.exp()[c], self.seq_len, replacement=True, generator=generator)
+        relabel = torch.rand(n, generator=generator) < self.label_noise
+        y = torch.where(relabel, torch.randint(self.n_classes, (n,), generator=generator), c)
+        return x, y
+
+    def log_posterior(self, x: torch.Tensor) -> torch.Tensor:
+        """log p(y | x) for x (n, seq_len): the Bayes-optimal, perfectly calibrated prediction, (n, C)."""
+        # log p(c | x) = sum_t log pi_c[x_t] - logsumexp_c(...): tokens are independent given the class
+        class_log_post = torch.log_softmax(self.token_log_probs[:, x.cpu()].sum(-1).T, dim=1)   # (n, C)
+        noise = self.label_noise
+        return torch.log((1 - noise) * class_log_post.exp() + noise / self.n_classes)
+
+
+def calibration_task(settings: "LabSettings", seed: int = 0, device="cpu") -> tuple[ClassificationTask, BagOfTokens]:
+    """The lab's task: 'train' (small: the model can memorize it), 'val' (fits the temperature), 'test' (held out)."""
+    source = BagOfTokens.make(settings.n_classes, settings.vocab_size, settings.seq_len, settings.sharpness,
+                              settings.label_noise, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    splits = {name: source.sample(n, generator) for name, n in
+              (("train", settings.n_train), ("val", settings.n_val), ("test", settings.n_test))}
+    return ClassificationTask(splits, batch_size=settings.batch_size, device=device), source
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-budget settings and runners
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LabSettings:
+    # --- the task: small and noisy, so that training many epochs memorizes it ---
+    n_classes: int = 10          # V of the smoothed target
+    vocab_size: int = 32         # tokens per sequence are drawn from this many symbols
+    seq_len: int = 16            # tokens per sequence: more tokens, less ambiguity
+    sharpness: float = 1.0       # how distinct the classes' token distributions are
+    label_noise: float = 0.1     # fraction of labels redrawn uniformly (train, val and test alike)
+    n_train: int = 512           # few examples: the model can fit every (noisy) label
+    n_val: int = 1024            # fits the temperature
+    n_test: int = 2048           # held out: accuracy, NLL and ECE are reported here
+    # --- the model: the course transformer as a classifier over mean-pooled positions ---
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 64
+    # --- training: many epochs over the small train split ---
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.1    # the course default (AdamW, decoupled)
+    warmup_steps: int = 50
+    eval_every: int = 100
+    seeds: int = 2               # seeds seed, seed + 1, ...: model init and batch order
+    n_bins: int = 15             # ECE bins (Guo et al. 2017, §5)
+
+
+SETTINGS = {
+    # seconds on one thread: real code paths, numbers too small to show the effect
+    "ci": LabSettings(n_train=256, n_val=256, n_test=512, n_layer=1, n_head=2, n_embd=32, steps=60,
+                      warmup_steps=10, eval_every=30, lr=3e-3, seeds=1, n_bins=10),
+    # minutes on 2 cores
+    "cpu": LabSettings(),
+    # one H100, under 2 minutes for the lab: a wider, deeper model, more data, more seeds
+    "gpu": LabSettings(n_train=2048, n_val=4096, n_test=8192, n_layer=4, n_head=4, n_embd=128, steps=3000,
+                       batch_size=128, warmup_steps=100, eval_every=250, seeds=3),
+}
+
+ALPHAS = (0.0, 0.05, 0.1, 0.2)   # the lab's sweep; 0.1 is Vaswani et al. 2017 (§5.4) and Szegedy et al. 2016 (§7)
+
+
+def lab_settings(budget: str) -> LabSettings:
+    """The lab's settings for a budget ('ci', 'cpu', 'gpu' or 'auto')."""
+    return by_budget(budget, **SETTINGS)
+
+
+def model_config(settings: LabSettings) -> GPTConfig:
+    return GPTConfig(vocab_size=settings.vocab_size, block_size=settings.seq_len, n_layer=settings.n_layer,
+                     n_head=settings.n_head, n_embd=settings.n_embd, n_classes=settings.n_classes, pool="mean")
+
+
+def train_config(settings: LabSettings, alpha: float, seed: int, progress: bool = False) -> TrainConfig:
+    return TrainConfig(steps=settings.steps, lr=settings.lr, warmup_steps=settings.warmup_steps,
+                       weight_decay=settings.weight_decay, label_smoothing=alpha, eval_every=settings.eval_every,
+                       seed=seed, progress=progress)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, task: ClassificationTask, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of a split on the CPU, in float32 and eval mode (no autocast: calibration needs the tails)."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for x, y in task.eval_batches(split):
+        logits.append(model(x).float().cpu())
+        labels.append(y.cpu())
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+@dataclass
+class Run:
+    """One trained model of the sweep: its history and its final logits on every split."""
+    alpha: float
+    seed: int
+    history: History
+    logits: dict[str, torch.Tensor]     # split -> (N, C) on the CPU
+    labels: dict[str, torch.Tensor]     # split -> (N,)
+
+
+@dataclass
+class AlphaSweep:
+    """Runs per alpha (one per seed), the settings they used, and the task's Bayes-optimal reference."""
+    settings: LabSettings
+    runs: dict[float, list[Run]] = field(default_factory=dict)
+    bayes: dict[str, float] = field(default_factory=dict)    # acc, nll, ece of the exact posterior on 'test'
+
+
+def run_alpha_sweep(settings: LabSettings, alphas=ALPHAS, seed: int = 0, device="cpu",
+                    progress: bool = False) -> AlphaSweep:
+    """Train one classifier per (alpha, seed) on the lab's task; keep every split's final logits.
+
+    Each evaluation also records the test ECE and the mean train-set logit gap, so both can be
+    plotted against the step.
+    """
+    task, source = calibration_task(settings, seed=seed, device=device)
+    test_logits = source.log_posterior(task.splits["test"][0])
+    test_labels = task.splits["test"][1].cpu()
+    sweep = AlphaSweep(settings, bayes={
+        "acc": float((test_logits.argmax(1) == test_labels).double().mean()),
+        "nll": float(F.cross_entropy(test_logits, test_labels)),
+        "ece": expected_calibration_error(test_logits, test_labels, settings.n_bins)})
+
+    def on_eval(model):
+        test = predict(model, task, "test")
+        train_logits, train_labels = predict(model, task, "train")
+        return {"test_ece": expected_calibration_error(*test, settings.n_bins),
+                "train_gap": float(logit_gap(train_logits, train_labels).mean())}
+
+    for alpha in alphas:
+        sweep.runs[alpha] = []
+        for run_seed in range(seed, seed + settings.seeds):
+            model = new_model(model_config(settings), seed=run_seed, device=device)
+            history = train(model, task, train_config(settings, alpha, run_seed, progress), on_eval=on_eval,
+                            desc=f"alpha={alpha} seed {run_seed}")
+            outputs = {split: predict(model, task, split) for split in ("train", "val", "test")}
+            sweep.runs[alpha].append(Run(alpha, run_seed, history, {s: o[0] for s, o in outputs.items()},
+                                         {s: o[1] for s, o in outputs.items()}))
+    return sweep
+
+
+def run_metrics(run: Run, n_bins: int) -> dict[str, float]:
+    """A run's held-out figures, its train-set gap, and the same after temperature scaling fitted on 'val'."""
+    logits, labels = run.logits["test"], run.labels["test"]
+    temperature = fit_temperature(run.logits["val"], run.labels["val"])
+    return {
+        "acc": float((logits.argmax(1) == labels).double().mean()),
+        "nll": float(F.cross_entropy(logits, labels)),
+        "ece": expected_calibration_error(logits, labels, n_bins),
+        "mean_confidence": float(torch.softmax(logits, 1).max(1).values.mean()),
+        "train_gap": float(logit_gap(run.logits["train"], run.labels["train"]).mean()),
+        "temperature": temperature,
+        "ts_nll": float(F.cross_entropy(logits / temperature, labels)),
+        "ts_ece": expected_calibration_error(logits / temperature, labels, n_bins),
+    }
+
+
+def sweep_metrics(sweep: AlphaSweep) -> dict[float, dict]:
+    """Per alpha: the mean over seeds of every run metric, the per-seed values, and the optimal gap."""
+    n_classes = sweep.settings.n_classes
+    table = {}
+    for alpha, runs in sweep.runs.items():
+        per_seed = [run_metrics(run, sweep.settings.n_bins) for run in runs]
+        row = {key: float(np.mean([m[key] for m in per_seed])) for key in per_seed[0]}
+        row["per_seed"] = {key: [m[key] for m in per_seed] for key in per_seed[0]}
+        row["optimal_gap"] = optimal_logit_gap(alpha, n_classes)
+        table[alpha] = row
+    return table
+
+
+def result_record(sweep: AlphaSweep, table: dict[float, dict]) -> dict:
+    """The lab's published record: per alpha the held-out figures and the gap against its optimum."""
+    per_alpha = {}
+    for alpha, row in table.items():
+        gap, optimum = row["train_gap"], row["optimal_gap"]
+        per_alpha[f"{alpha:g}"] = {
+            "test_acc": row["acc"], "test_nll": row["nll"], "test_ece": row["ece"],
+            "test_ece_per_seed": row["per_seed"]["ece"], "train_gap": gap,
+            "optimal_gap": None if math.isinf(optimum) else optimum,
+            "gap_over_optimum": None if math.isinf(optimum) else gap / optimum,
+            "temperature": row["temperature"], "ts_test_ece": row["ts_ece"]}
+    base = table[min(table)]
+    return {
+        "setting": {"n_classes": sweep.settings.n_classes, "n_train": sweep.settings.n_train,
+                    "label_noise": sweep.settings.label_noise, "steps": sweep.settings.steps,
+                    "seeds": sweep.settings.seeds, "ece_bins": f"{sweep.settings.n_bins} equal-width"},
+        "per_alpha": per_alpha,
+        "temperature_scaled_alpha0": {"temperature": base["temperature"], "test_ece": base["ts_ece"],
+                                      "test_nll": base["ts_nll"]},
+        "bayes_optimal_test": sweep.bayes,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The lab's figures
+# --------------------------------------------------------------------------------------------------
+
+def plot_reliability_row(sweep: AlphaSweep, seed_index: int = 0):
+    """One reliability diagram per alpha (test split, one seed), and the temperature-scaled alpha = 0."""
+    alphas = list(sweep.runs)
+    colors = colors_for(alphas)
+    fig, axes = plt.subplots(1, len(alphas) + 1, figsize=(3.4 * (len(alphas) + 1), 3.4), sharey=True)
+    for ax, alpha in zip(axes, alphas):
+        run = sweep.runs[alpha][seed_index]
+        data = reliability_data(run.logits["test"], run.labels["test"], sweep.settings.n_bins)
+        plot_reliability(ax, data, colors[alpha], title=f"alpha = {alpha:g} (test)")
+    run = sweep.runs[alphas[0]][seed_index]
+    temperature = fit_temperature(run.logits["val"], run.labels["val"])
+    data = reliability_data(run.logits["test"] / temperature, run.labels["test"], sweep.settings.n_bins)
+    plot_reliability(axes[-1], data, "gray", title=f"alpha = {alphas[0]:g}, T = {temperature:.2f} (test)")
+    for ax in axes[1:]:
+        ax.set_ylabel("")
+    fig.tight_layout()
+    plt.show()
+
+
+def plot_sweep_summary(table: dict[float, dict], bayes: dict[str, float] | None = None):
+    """Held-out ECE, NLL and accuracy against alpha (dots: seeds), and the train-set gap against its optimum."""
+    alphas = list(table)
+    colors = colors_for(alphas)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, key, name in zip(axes, ("ece", "nll", "acc"), ("test ECE", "test NLL (nats)", "test accuracy")):
+        for i, alpha in enumerate(alphas):
+            seeds = table[alpha]["per_seed"][key]
+            ax.bar(i, np.mean(seeds), color=colors[alpha], alpha=0.7)
+            ax.plot([i] * len(seeds), seeds, "k.")
+        if key == "ece":
+            ts = [table[a]["ts_ece"] for a in alphas]
+            ax.plot(range(len(alphas)), ts, "s--", color="gray", label="after temperature scaling")
+            ax.legend(fontsize="small")
+        if bayes is not None:
+            ax.axhline(bayes[key], color="black", linestyle=":", label="Bayes-optimal")
+        ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+        ax.set_xlabel("alpha")
+        ax.set_ylabel(name)
+        ax.set_title(name)
+    ax = axes[3]
+    optimum = [table[a]["optimal_gap"] for a in alphas if a > 0]
+    ax.plot([a for a in alphas if a > 0], optimum, "k--", label="optimum log(1 + V(1-a)/a)")
+    for alpha in alphas:
+        ax.plot([alpha] * len(table[alpha]["per_seed"]["train_gap"]), table[alpha]["per_seed"]["train_gap"], "o",
+                color=colors[alpha], label=f"alpha = {alpha:g}")
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("mean train logit gap (nats)")
+    ax.set_title("train-set gap vs the derived optimum")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    plt.show()
+
+
+def show_sweep_result(sweep: AlphaSweep, table: dict[float, dict], alpha: float) -> None:
+    """The slider's view of one alpha: its reliability diagram, its train-set gaps against the optimum, its figures."""
+    run = sweep.runs[alpha][0]
+    colors = colors_for(list(sweep.runs))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    plot_reliability(axes[0], reliability_data(run.logits["test"], run.labels["test"], sweep.settings.n_bins),
+                     colors[alpha], title=f"alpha = {alpha:g}: test reliability (seed {run.seed})")
+    gaps = logit_gap(run.logits["train"], run.labels["train"]).numpy()
+    axes[1].hist(gaps, bins=40, color=colors[alpha], alpha=0.7)
+    optimum = table[alpha]["optimal_gap"]
+    if not math.isinf(optimum):
+        axes[1].axvline(optimum, color="black", linestyle="--", label=f"optimum {optimum:.2f}")
+    axes[1].axvline(gaps.mean(), color=colors[alpha], label=f"mean {gaps.mean():.2f}")
+    axes[1].set_xlabel("true logit minus mean other logit (nats)")
+    axes[1].set_ylabel("training examples")
+    axes[1].set_title("train-set logit gaps")
+    axes[1].legend(fontsize="small")
+    fig.tight_layout()
+    plt.show()
+    row = table[alpha]
+    print(f"alpha={alpha:g} (mean of {len(sweep.runs[alpha])} seeds): test acc {row['acc']:.3f}, "
+          f"NLL {row['nll']:.3f}, ECE {row['ece']:.3f}; train gap {row['train_gap']:.2f} "
+          f"(optimum {optimum:.2f}); fitted T {row['temperature']:.2f} -> ECE {row['ts_ece']:.3f}")
