@@ -74,9 +74,10 @@ SETTINGS = {
                        train_chars=10_000, steps=600, eval_every=50, single_pass_batch=16,
                        single_pass_max_steps=400, recall_facts=512, recall_n_layer=2, recall_n_embd=64,
                        recall_steps=500, recall_batch=64),
-    # one H100, two seeds, under 2 minutes (not yet measured: the lead's GPU run sets these)
+    # one H100, two seeds, aimed at under 2 minutes: 3.2M parameters, about 49 epochs of 100k characters.
+    # Not yet measured on a GPU; to trim time lower steps (each run is ~ steps x step time) or n_seeds.
     "gpu": LabSettings(n_seeds=2, n_layer=4, n_embd=256, n_head=4, block_size=128, batch_size=64, lr=1e-3,
-                       train_chars=100_000, steps=800, eval_every=50, single_pass_batch=16,
+                       train_chars=100_000, steps=600, eval_every=50, single_pass_batch=16,
                        single_pass_max_steps=400, recall_facts=4096, recall_n_layer=2, recall_n_embd=128,
                        recall_steps=1000, recall_batch=256),
 }
@@ -161,6 +162,13 @@ def summarize(results: dict) -> dict:
             row["per_seed"]["recall"] = [h.final["recall"] for h in histories]
         table[name] = row
     return table
+
+
+def figures(table: dict, keys=("best_val_loss", "best_step", "final_gap")) -> dict:
+    """The chosen figures of a summarize() table for the lab's record: means over seeds and per-seed values."""
+    return {name: {**{key: row[key] for key in keys},
+                   "per_seed": {key: values for key, values in row["per_seed"].items() if key in keys}}
+            for name, row in table.items()}
 
 
 def print_summary(table: dict, title: str) -> None:

@@ -491,19 +491,22 @@ def cell_errors(traffic: KernelTraffic, cells: list[CodeCell], report: Report) -
 
 async def check_page(page, cells: list[CodeCell], report: Report, flagged: set):
     """After the run: every cell has a prompt number, shows no traceback or broken widget, and shows
-    the sliders its source declares. Widgets render a moment after the kernel is done: wait until all
-    declared sliders show, or their count has not changed for 3 s. Cells in flagged are already reported."""
+    the sliders its source declares. The page draws a moment after the kernel is done: wait until no
+    prompt says [*] and all declared sliders show (or their count has not changed for 3 s).
+    Cells in flagged are already reported."""
     expected = [c.sliders for c in cells]
     seen = {"counts": None, "since": time.monotonic()}
 
-    async def sliders_rendered():
-        counts = [s["sliders"] for s in await page.evaluate(JS_CELL_STATE)]
+    async def page_caught_up():
+        state = await page.evaluate(JS_CELL_STATE)
+        counts = [s["sliders"] for s in state]
         if counts != seen["counts"]:
             seen.update(counts=counts, since=time.monotonic())
-        return (len(counts) == len(cells) and all(c >= e for c, e in zip(counts, expected))
-                or time.monotonic() - seen["since"] > 3)
+        busy = any("*" in s["prompt"] for s in state)
+        return not busy and (len(counts) == len(cells) and all(c >= e for c, e in zip(counts, expected))
+                             or time.monotonic() - seen["since"] > 3)
 
-    await wait_until(sliders_rendered, 30)
+    await wait_until(page_caught_up, 30)
     state = await page.evaluate(JS_CELL_STATE)
     if len(state) != len(cells):
         report.problems.append(f"the page shows {len(state)} code cells, the file has {len(cells)}")
@@ -543,11 +546,18 @@ async def move_sliders(page, traffic: KernelTraffic, cells: list[CodeCell], repo
             before = await slider.evaluate(JS_VIEW)
             value_before = await slider.evaluate(JS_SLIDER_VALUE)
             errors_before = len(traffic.errors)
+
+            async def moved():
+                return await slider.evaluate(JS_SLIDER_VALUE) != value_before
+
+            async def redrawn():
+                return await slider.evaluate(JS_VIEW) != before
+
             await handle.focus()
             for key in ("ArrowRight", "ArrowLeft"):
                 for _ in range(KEY_PRESSES):
                     await handle.press(key)
-                if await slider.evaluate(JS_SLIDER_VALUE) != value_before:
+                if await wait_until(moved, 3):        # the readout follows within a frame or two
                     break
             else:
                 report.problems.append(f"{name} did not move with the arrow keys (value {value_before})")
@@ -556,6 +566,7 @@ async def move_sliders(page, traffic: KernelTraffic, cells: list[CodeCell], repo
             if not await wait_until(lambda: traffic.comms_pending == 0, CALLBACK_TIMEOUT_S):
                 report.problems.append(f"{name}: the kernel did not finish its callback in {CALLBACK_TIMEOUT_S} s")
                 continue
+            await wait_until(redrawn, 5)                       # the page draws what the kernel sent
             after = await settled(slider)
             new_errors = [e for e in traffic.errors[errors_before:] if e[0] == "comm_msg"]
             if new_errors:
@@ -606,10 +617,13 @@ async def screenshot(page, path: Path) -> list[Path]:
 class Tab:
     """One browser tab running JupyterLab. Notebooks open in it one after another, as a student opens
     them from the file browser: the app loads once per tab (a reload costs seconds of CPU), and after a
-    notebook whose check failed midway the tab is reloaded, so one stuck page does not spoil the next."""
+    notebook whose check failed midway the tab is reloaded, so one stuck page does not spoil the next.
+    Each tab has a browser context (a window) of its own: tabs sharing a window are drawn at a few frames
+    per second unless in front, and JupyterLab then lags behind its kernel."""
 
-    def __init__(self, context, lab: JupyterLab, name: str):
-        self.context, self.lab, self.name = context, lab, name
+    def __init__(self, browser, lab: JupyterLab, name: str):
+        self.browser, self.lab, self.name = browser, lab, name
+        self.context = None
         self.page = None
         self.loads = 0
         self.traffic = KernelTraffic()
@@ -618,6 +632,8 @@ class Tab:
         """Show notebook rel alone in the main area, its kernel traffic recorded from the start."""
         self.traffic = KernelTraffic()
         if self.page is None:
+            if self.context is None:
+                self.context = await self.browser.new_context(viewport=VIEWPORT)
             self.page = await self.context.new_page()
             self.page.set_default_timeout(120_000)
             self.page.on("websocket", lambda ws: self.traffic.attach(ws))
@@ -651,6 +667,12 @@ class Tab:
         if self.page is not None:
             await self.page.close()
         self.page = None
+
+    async def close(self):
+        await self.reload_next_time()
+        if self.context is not None:
+            await self.context.close()
+        self.context = None
 
 
 # With the app exposed (LabApp.expose_app_in_browser): close every document in the main area without
@@ -724,13 +746,12 @@ async def check_notebooks_async(lab: JupyterLab, root: Path, paths, screenshots:
             path, rel = queue.get_nowait()
             shot = screenshots / ("__".join(rel.with_suffix("").parts[-2:]) + ".png") if screenshots else None
             reports[rel.as_posix()] = await check_notebook(tab, rel.as_posix(), code_cells(path), shot)
-        await tab.reload_next_time()
+        await tab.close()
 
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
         try:
-            context = await browser.new_context(viewport=VIEWPORT)
-            await asyncio.gather(*(work(Tab(context, lab, f"tab{i}")) for i in range(max(1, tabs))))
+            await asyncio.gather(*(work(Tab(browser, lab, f"tab{i}")) for i in range(max(1, tabs))))
         finally:
             await browser.close()
     return {rel.as_posix(): reports[rel.as_posix()] for rel in rels}

@@ -23,7 +23,7 @@ from reglab.dropout import (  # noqa: E402
     derived_batchnorm_shift, derived_moments, dropout_cost, dropout_statistics, dropped_fraction_by_site,
     norm_variance_shift, saved_tensor_bytes, show_dropout, step_times, training_step_flops,
     variance_standard_error)
-from reglab.dropout_lab import SETTINGS, lab_settings, show_sweep, summarize  # noqa: E402
+from reglab.dropout_lab import SETTINGS, figures, lab_settings, show_sweep, summarize  # noqa: E402
 from reglab.model import DROPOUT_SITES, GPT, GPTConfig  # noqa: E402
 from reglab.recall import IGNORE, recall_accuracy, recall_metrics, recall_task  # noqa: E402
 from reglab.train import TrainConfig, new_model, train  # noqa: E402
@@ -563,6 +563,7 @@ def test_summary_and_sweep_browser_report_best_step_and_gap(capsys):
     table = summarize({"p=0": [history]})
     assert table["p=0"]["best_val_loss"] == 2.2 and table["p=0"]["best_step"] == 10
     assert table["p=0"]["final_gap"] == pytest.approx(1.5)
+    assert figures(table, ("best_val_loss",)) == {"p=0": {"best_val_loss": 2.2, "per_seed": {"best_val_loss": [2.2]}}}
     with pytest.raises(ValueError, match="was not swept"):
         show_sweep({"p=0": [history]}, 0.5)
     show_sweep({"p=0": [history]}, 0.0)

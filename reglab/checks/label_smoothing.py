@@ -107,7 +107,7 @@ def _answer(case: dict) -> torch.Tensor:
                            ignore_index=case["ignore_index"], reduction=case["reduction"])
 
 
-def _soft_loss(log_probs, case, soft_target, keep, mean_over=None, mask_uniform=True):
+def _soft_loss(log_probs, case, soft_target, keep, mean_over=None):
     """-sum_k y_k log p_k per position from an explicit target (N, C, ...), then the case's reduction."""
     per_position = -(soft_target * log_probs).sum(1)
     per_position = torch.where(keep, per_position, torch.zeros_like(per_position))
