@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from reglab.budget import by_budget
 from reglab.data import Corpus, LMTask, load_corpus, split_tokens
 from reglab.lora import add_lora, trainable_parameters
@@ -61,13 +63,13 @@ SETTINGS = {
                            batch_size=8, lr=3e-3, pretrain_eval_every=13, finetune_chars=3_000,
                            finetune_batch_size=8, finetune_steps=30, finetune_eval_every=10,
                            lora_r=4, lora_alpha=8.0, eval_batches=2, seeds=1),
-    # minutes on 2 cores: the course model, the whole corpus once, ~40 epochs of a 12k-character text,
+    # minutes on 2 cores: the course model, the whole corpus once, ~75 epochs of a 6k-character text,
     # 2 seeds (about 105 s of single-thread CPU time per seed, estimated from measured step times)
     "cpu": CapstoneSettings(n_layer=2, n_head=4, n_embd=64, block_size=64, pretrain_chars=None,
-                            batch_size=32, lr=3e-3, pretrain_eval_every=34, finetune_chars=12_000,
+                            batch_size=32, lr=3e-3, pretrain_eval_every=34, finetune_chars=6_000,
                             finetune_batch_size=16, finetune_steps=400, finetune_eval_every=25,
                             lora_r=8, lora_alpha=16.0, eval_batches=8, seeds=2),
-    # one GPU, under 3 minutes: a wider model, 2 seeds, ~60 epochs of a 16k-character text
+    # one GPU, under 3 minutes: a 4-layer, 128-wide model, 2 seeds, ~110 epochs of a 16k-character text
     "gpu": CapstoneSettings(n_layer=4, n_head=4, n_embd=128, block_size=128, pretrain_chars=None,
                             batch_size=16, lr=2e-3, pretrain_eval_every=34, finetune_chars=16_000,
                             finetune_batch_size=16, finetune_steps=800, finetune_eval_every=40,
@@ -113,9 +115,19 @@ def finetune_corpus(source: str | Path, vocab: str, max_chars: int) -> Corpus:
     return replace(corpus, text=corpus.text[:max_chars])
 
 
+def interleaved_split(tokens: torch.Tensor, chunk: int = 128, every: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut tokens into chunks of `chunk`; every `every`-th chunk (from the middle one of each group)
+    validates, the rest trains. Unlike a cut at 90%, validation text then comes from all over the text
+    (here: from every module's docstrings), not from whatever happens to come last."""
+    pieces = list(torch.split(tokens, chunk))
+    val = [piece for i, piece in enumerate(pieces) if i % every == every // 2]
+    train = [piece for i, piece in enumerate(pieces) if i % every != every // 2]
+    return torch.cat(train), torch.cat(val)
+
+
 def finetune_task(corpus: Corpus, settings: CapstoneSettings, seed: int = 0, device="cpu") -> LMTask:
-    """Random windows of the fine-tuning text (drawn with replacement: many epochs), 10% held out."""
-    train_tokens, val_tokens = split_tokens(corpus.encode(corpus.text))
+    """Random windows of the fine-tuning text (drawn with replacement: many epochs); 10% held out."""
+    train_tokens, val_tokens = interleaved_split(corpus.encode(corpus.text))
     return LMTask(train_tokens, val_tokens, settings.block_size, settings.finetune_batch_size,
                   eval_batches=settings.eval_batches, seed=seed, device=device)
 
@@ -295,20 +307,24 @@ def verdict(delta: float, noise: float) -> str:
 
 
 def effects(settings: CapstoneSettings, pre: dict, fine: dict, metric: str = "final_val_loss") -> list[dict]:
-    """For each comparison: the change in loss it caused and the verdict, from the runs' summaries.
+    """For each comparison, the change each regularizer caused and its verdict, from the runs' summaries.
 
-    Pretraining is judged on its final val loss (one pass: final is what you get); fine-tuning on
-    `metric` of the new text's val loss. The noise floor is the larger seed spread of the two runs
-    (0 with one seed, so a single seed gives a verdict on any difference).
+    Two criteria: the validation loss (pretraining: final val loss on the corpus, since in one pass the
+    final loss is what you get; fine-tuning: `metric` of the new text's val loss) and, for fine-tuning,
+    forgetting (the rise of the loss on the original corpus). The noise floor is the larger seed spread of
+    the two runs (0 with one seed, so a single seed gives a verdict on any difference).
     """
     rows = []
     for phase, run, baseline, regularizer in comparisons(settings):
         table, key = (pre, "val_loss") if phase == "pretraining" else (fine, metric)
-        delta = table[run][key] - table[baseline][key]
-        noise = max(table[run][key + "_spread"], table[baseline][key + "_spread"])
-        rows.append({"phase": phase, "run": run, "baseline": baseline, "regularizer": regularizer,
-                     "delta": delta, "noise": noise, "verdict": verdict(delta, noise),
-                     "epochs": table[run]["epochs"], "params_per_token": table[run]["params_per_token"]})
+        row = {"phase": phase, "run": run, "baseline": baseline, "regularizer": regularizer,
+               "epochs": table[run]["epochs"], "params_per_token": table[run]["params_per_token"]}
+        keys = [("val", key)] + ([("forgetting", "forgetting")] if phase == "fine-tuning" else [])
+        for name, column in keys:
+            delta = table[run][column] - table[baseline][column]
+            noise = max(table[run][column + "_spread"], table[baseline][column + "_spread"])
+            row.update({f"{name}_delta": delta, f"{name}_noise": noise, f"{name}_verdict": verdict(delta, noise)})
+        rows.append(row)
     return rows
 
 
@@ -325,7 +341,8 @@ VERDICT_COLORS = {"helped": "tab:green", "hurt": "tab:red", "no clear effect": "
 
 
 def plot_regime_map(ax, points: list[dict], published: bool = True):
-    """Each point: {label, epochs, params_per_token, verdict}; log-log axes, colored by verdict.
+    """Each point: {label, epochs, params_per_token, verdict[, forgetting_verdict]}; log-log axes, colored
+    by the validation-loss verdict; the forgetting verdict, where there is one, is written beside it.
 
     Runs at the same coordinates (same epochs and trainable parameters) share a marker position; their
     labels are stacked beside it.
@@ -339,7 +356,10 @@ def plot_regime_map(ax, points: list[dict], published: bool = True):
                    facecolors="none" if baseline else color)
         row = stacked.get(where, 0)
         stacked[where] = row + 1
-        ax.annotate(f"{point['label']}: {point['verdict']}", where, textcoords="offset points",
+        text = f"{point['label']}: {point['verdict']}"
+        if point.get("forgetting_verdict"):
+            text += f" (forgetting: {point['forgetting_verdict']})"
+        ax.annotate(text, where, textcoords="offset points",
                     xytext=(8, 6 - 11 * row), fontsize=8, color=color)
     if published:
         for name, (params, tokens, _source) in PUBLISHED_REGIMES.items():
@@ -366,14 +386,17 @@ def plot_regime_map(ax, points: list[dict], published: bool = True):
 
 
 def regime_points(settings: CapstoneSettings, pre: dict, fine: dict, metric: str = "final_val_loss") -> list[dict]:
-    """The regime map's points: each baseline run, and each regularized run marked helped / hurt."""
-    marked = {row["run"]: row["verdict"] for row in effects(settings, pre, fine, metric)}
+    """The regime map's points: each baseline run, and each regularized run marked helped / hurt (on the
+    validation loss, and for fine-tuning also on forgetting)."""
+    marked = {row["run"]: row for row in effects(settings, pre, fine, metric)}
     points = []
     for phase, table in (("pretraining", pre), ("fine-tuning", fine)):
         for label, row in table.items():
-            name = f"{label} (pretrain)" if phase == "pretraining" else label
-            points.append({"label": name, "epochs": row["epochs"], "params_per_token": row["params_per_token"],
-                           "verdict": marked.get(label, "baseline")})
+            effect = marked.get(label, {})
+            points.append({"label": f"{label} (pretrain)" if phase == "pretraining" else label,
+                           "epochs": row["epochs"], "params_per_token": row["params_per_token"],
+                           "verdict": effect.get("val_verdict", "baseline"),
+                           "forgetting_verdict": effect.get("forgetting_verdict")})
     return points
 
 

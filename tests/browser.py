@@ -665,7 +665,10 @@ class Tab:
 
     async def reload_next_time(self):
         if self.page is not None:
-            await self.page.close()
+            try:
+                await self.page.close()
+            except Exception:           # already gone with a crashed renderer: nothing to close
+                pass
         self.page = None
 
     async def close(self):
@@ -745,7 +748,12 @@ async def check_notebooks_async(lab: JupyterLab, root: Path, paths, screenshots:
         while not queue.empty():
             path, rel = queue.get_nowait()
             shot = screenshots / ("__".join(rel.with_suffix("").parts[-2:]) + ".png") if screenshots else None
-            reports[rel.as_posix()] = await check_notebook(tab, rel.as_posix(), code_cells(path), shot)
+            try:
+                cells = code_cells(path)
+            except (OSError, ValueError) as error:     # renamed or half-written by someone else's edit
+                reports[rel.as_posix()] = Report(rel.as_posix(), [f"could not read the notebook: {error}"])
+                continue
+            reports[rel.as_posix()] = await check_notebook(tab, rel.as_posix(), cells, shot)
         await tab.close()
 
     async with async_playwright() as pw:

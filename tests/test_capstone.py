@@ -488,3 +488,26 @@ def test_verdicts_compare_against_the_seed_noise():
     assert capstone.verdict(0.05, 0.01) == "hurt"
     assert capstone.verdict(0.005, 0.01) == "no clear effect"
 
+
+
+def test_interleaved_split_holds_out_every_tenth_chunk_and_loses_nothing():
+    tokens = torch.arange(1000)
+    train, val = capstone.interleaved_split(tokens, chunk=10, every=10)
+    assert len(train) + len(val) == 1000 and len(val) == 100
+    assert set(train.tolist()).isdisjoint(val.tolist())
+    assert val[:10].tolist() == list(range(50, 60))          # the middle chunk of the first group
+
+
+def test_effects_judge_the_val_loss_and_forgetting_against_the_seed_spread():
+    settings = capstone.settings_for("ci")
+    row = dict(epochs=1.0, params_per_token=1.0, val_loss_spread=0.0)
+    pre = {"dropout 0": {**row, "val_loss": 2.0}, "dropout 0.1": {**row, "val_loss": 2.1}}
+    fine_row = dict(epochs=50.0, params_per_token=10.0, final_val_loss_spread=0.01, forgetting_spread=0.01)
+    fine = {label: {**fine_row, "final_val_loss": 2.5, "forgetting": 0.3} for label in capstone.finetune_labels(settings)}
+    fine["full + dropout"].update(final_val_loss=2.45, forgetting=0.305)
+    rows = {row["run"]: row for row in capstone.effects(settings, pre, fine)}
+    assert rows["dropout 0.1"]["val_verdict"] == "hurt" and "forgetting_verdict" not in rows["dropout 0.1"]
+    assert rows["full + dropout"]["val_verdict"] == "helped"
+    assert rows["full + dropout"]["forgetting_verdict"] == "no clear effect"
+    points = {p["label"]: p for p in capstone.regime_points(settings, pre, fine)}
+    assert points["full"]["verdict"] == "baseline" and points["dropout 0.1 (pretrain)"]["verdict"] == "hurt"
