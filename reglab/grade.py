@@ -10,7 +10,10 @@ For each submission the grader
 2. executes it with papermill in a fresh kernel in a private working directory (`reglab.sandbox`:
    wall-clock timeout, memory cap, every process killed at the end, another user when run as root),
    with the parameters budget="ci", device="cpu", seed=0, and one cell appended at the end that calls
-   every check's probe on the student's objects and writes the JSON data to a file;
+   every check's probe on the student's objects and writes the JSON data to a file. The lab's slider
+   cells (tagged `widget` in the solution) are not run: a slider needs a person, and a headless
+   papermill/nbclient run can hang on a cell that opens widget comms (jupyter/nbclient#312,
+   jupyter/nbconvert#2029; it hung one of our CI runs for 300 s);
 3. judges that data in the grader's own process (`Check.judge`, PyTorch as the answer key): a score
    never depends on anything the notebook prints, displays or patches in its kernel.
 
@@ -66,6 +69,8 @@ MAX_PROBE_FILE_BYTES = 16 * 2**20
 MAX_CHECK_DATA_BYTES = 4 * 2**20      # the check protocol asks probes for < ~1 MB
 DEFAULT_SANDBOX_UID = 61000           # root grader: student code runs as uid 61000 + worker slot (no account needed)
 PAPERMILL_ERROR_TAG = "papermill-error-cell-tag"
+WIDGET_TAG = "widget"                 # a solution cell that only shows sliders; the grader does not run it
+WIDGET_SKIPPED = "# (the grader does not run this cell: it only shows sliders, which need a person)\n"
 _UMASK = os.umask(0o022)              # read the process's umask (the only way is to set it) ...
 os.umask(_UMASK)                      # ... and put it back
 
@@ -100,6 +105,7 @@ class Lab:
     private_files: tuple[Path, ...] = ()   # --tests files that register this lab's private checks
     others: tuple[tuple[str, frozenset], ...] = ()   # (lab name, its required ids) for every other lab
     prefixes: tuple[str, ...] = ()         # check ids of this lab start with one of these and a dot
+    widget_ids: frozenset = frozenset()    # ids of the solution's slider cells (tag `widget`), not run
 
     @property
     def max_score(self) -> int:
@@ -241,8 +247,10 @@ def load_lab(name_or_path: str, tests_dir: Path | None = None, kinds=("public", 
                     others[other] = _lab_ids(path)
                 except (OSError, ValueError, KeyError):
                     continue
+    widgets = frozenset(c["id"] for c in notebook["cells"] if c["cell_type"] == "code" and
+                        WIDGET_TAG in c.get("metadata", {}).get("tags", []))
     return Lab(name, solution, cells, parameters[0], tuple(planned), tuple(private_files),
-               tuple(sorted(others.items())), tuple(prefixes))
+               tuple(sorted(others.items())), tuple(prefixes), widgets)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,7 +461,7 @@ def probe_cell(lab: Lab, workdir: Path) -> dict:
 
 def prepare(notebook: dict, lab: Lab, workdir: Path) -> dict:
     """The notebook to execute: outputs cleared, the parameters tag in place, grader cells the
-    submission may carry removed, and the probe cell appended."""
+    submission may carry removed, the lab's slider cells emptied, and the probe cell appended."""
     prepared = copy.deepcopy(notebook)
     cells = []
     for cell in prepared["cells"]:
@@ -464,6 +472,8 @@ def prepare(notebook: dict, lab: Lab, workdir: Path) -> dict:
             cell.setdefault("metadata", {})["tags"] = list(tags) + ["parameters"]
         if cell.get("cell_type") == "code":
             cell["outputs"], cell["execution_count"] = [], None
+            if cell["id"] in lab.widget_ids:
+                cell["source"] = WIDGET_SKIPPED
         cells.append(cell)
     prepared["cells"] = cells + [probe_cell(lab, workdir)]
     prepared["metadata"] = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},

@@ -402,6 +402,21 @@ def test_a_lost_parameters_tag_is_restored_not_refused():
     assert prepared["cells"][-1]["id"] == "reglab-grader-probes"
 
 
+@pytest.mark.parametrize("solution_path", sorted((ROOT / "solutions").glob("*_lab.ipynb")), ids=lambda p: p.stem)
+def test_slider_cells_are_tagged_and_not_run_by_the_grader(solution_path):
+    """A headless nbclient run can hang on a cell that opens widget comms (jupyter/nbclient#312): the
+    grader empties every cell the solution tags `widget`, and every `interact(` cell carries that tag."""
+    from reglab.grade import WIDGET_SKIPPED, load_lab, prepare
+    notebook = json.loads(solution_path.read_text(encoding="utf-8"))
+    sliders = {c["id"] for c in notebook["cells"] if c["cell_type"] == "code" and "interact(" in "".join(c["source"])}
+    lab = load_lab(str(solution_path))
+    assert sliders and lab.widget_ids == sliders
+    prepared = prepare(make_lab(notebook, solution_path.name), lab, Path("/nonexistent"))
+    sources = {c["id"]: "".join(c["source"]) for c in prepared["cells"]}
+    assert all(sources[i] == WIDGET_SKIPPED for i in sliders)
+    assert sum(s == WIDGET_SKIPPED for s in sources.values()) == len(sliders)
+
+
 def test_folders_are_searched_but_not_the_output_folder(tmp_path):
     from reglab.grade import find_submissions
     for path in ["alice/01_dropout_lab.ipynb", "bob.ipynb", "grades/executed/bob.ipynb", ".ipynb_checkpoints/x.ipynb"]:
