@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import tempfile
 import time
@@ -66,20 +68,27 @@ def bench_model(args) -> dict:
 def bench_lab(args) -> dict:
     import papermill
 
-    from reglab.labs import ROOT, find_solution
+    from reglab.labs import ROOT, find_solution, skip_widgets, widget_ids
     from reglab.results import read_results
 
     solution = find_solution(args.lab)
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="reglab-bench-"))
     out_dir.mkdir(parents=True, exist_ok=True)
+    notebook = json.loads(solution.read_text(encoding="utf-8"))
+    source = out_dir / f"{solution.stem}.input.ipynb"          # the slider cell emptied: no person to move it
+    source.write_text(json.dumps(skip_widgets(notebook, widget_ids(notebook))), encoding="utf-8")
     output = out_dir / f"{solution.stem}.{args.budget}.ipynb"
-    start = time.perf_counter()
-    papermill.execute_notebook(str(solution), str(output), cwd=str(ROOT),
+    load = os.getloadavg()[0]
+    start, cpu_start = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    papermill.execute_notebook(str(source), str(output), cwd=str(ROOT),
                                parameters={"budget": args.budget, "seed": args.seed, "device": args.device},
                                kernel_name="python3", progress_bar=False)
     wall = time.perf_counter() - start
+    cpu_end = resource.getrusage(resource.RUSAGE_CHILDREN)     # the kernel, once it has exited and been reaped
+    cpu = (cpu_end.ru_utime + cpu_end.ru_stime) - (cpu_start.ru_utime + cpu_start.ru_stime)
     record = read_results(output)
-    print(f"lab {args.lab} ({solution.name}), budget {args.budget}: {wall:.1f} s wall time")
+    print(f"lab {args.lab} ({solution.name}), budget {args.budget}: {wall:.1f} s wall time, "
+          f"{cpu:.0f} s CPU time of the kernel (1-min load average at the start: {load:.1f})")
     print(json.dumps(record, indent=1))
     print(f"executed notebook: {output}")
     return {"wall_s": wall, **record}

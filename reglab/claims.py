@@ -81,7 +81,7 @@ CLAIMS: list[Claim] = [
           "GPT-3 was trained with dropout 0.1.",
           "The training details list Adam's betas and epsilon, clipping at 1.0, cosine decay to 10%, "
           "warmup and weight decay 0.1; no dropout value is given anywhere in the paper.",
-          "unsupported", "Brown et al. 2020 (GPT-3), §2.3 and App. B",
+          "unsupported", "Brown et al. 2020 (GPT-3), §2.1 (model), §2.3 (training) and App. B",
           "01: Why large-scale pretraining uses none"),
     Claim("palm-dropout", "dropout",
           "PaLM was pretrained without dropout and fine-tuned with dropout 0.1.",
@@ -110,7 +110,7 @@ CLAIMS: list[Claim] = [
           "The paper's experiments are on CIFAR-10 and ImageNet32x32 (a 32x32 downsampled ImageNet), and "
           "its gains are stated as relative reductions of test error (about 15%), not as an absolute "
           "figure on full-resolution ImageNet, which the paper does not train on.",
-          "wrong", "Loshchilov & Hutter 2019 (ICLR), abstract and §4", "02: Published settings"),
+          "wrong", "Loshchilov & Hutter 2019 (ICLR), §4 (experimental validation); the abstract gives no figure", "02: Published settings"),
     Claim("pytorch-adamw-lr-times-wd", "weight decay",
           "PyTorch's AdamW multiplies each weight by (1 - lr * weight_decay) every step.",
           "torch.optim.AdamW applies theta <- theta - lr * lambda * theta before the Adam step, so the "

@@ -55,7 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reglab import checks as check_registry
-from reglab.labs import BEGIN_HIDDEN, END_HIDDEN, NOTE_ID, SOLUTIONS, STUB_MARKDOWN, find_solution, lab_name, make_lab
+from reglab.labs import (BEGIN_HIDDEN, END_HIDDEN, NOTE_ID, SOLUTIONS, STUB_MARKDOWN, find_solution, lab_name, make_lab,
+                         skip_widgets, widget_ids)
 from reglab.sandbox import Limits, execute, remove_tree, skip_slow_optional_imports
 
 STATUSES = ("graded", "error", "timeout", "invalid")
@@ -69,8 +70,6 @@ MAX_PROBE_FILE_BYTES = 16 * 2**20
 MAX_CHECK_DATA_BYTES = 4 * 2**20      # the check protocol asks probes for < ~1 MB
 DEFAULT_SANDBOX_UID = 61000           # root grader: student code runs as uid 61000 + worker slot (no account needed)
 PAPERMILL_ERROR_TAG = "papermill-error-cell-tag"
-WIDGET_TAG = "widget"                 # a solution cell that only shows sliders; the grader does not run it
-WIDGET_SKIPPED = "# (the grader does not run this cell: it only shows sliders, which need a person)\n"
 _UMASK = os.umask(0o022)              # read the process's umask (the only way is to set it) ...
 os.umask(_UMASK)                      # ... and put it back
 
@@ -247,10 +246,8 @@ def load_lab(name_or_path: str, tests_dir: Path | None = None, kinds=("public", 
                     others[other] = _lab_ids(path)
                 except (OSError, ValueError, KeyError):
                     continue
-    widgets = frozenset(c["id"] for c in notebook["cells"] if c["cell_type"] == "code" and
-                        WIDGET_TAG in c.get("metadata", {}).get("tags", []))
     return Lab(name, solution, cells, parameters[0], tuple(planned), tuple(private_files),
-               tuple(sorted(others.items())), tuple(prefixes), widgets)
+               tuple(sorted(others.items())), tuple(prefixes), widget_ids(notebook))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,10 +469,8 @@ def prepare(notebook: dict, lab: Lab, workdir: Path) -> dict:
             cell.setdefault("metadata", {})["tags"] = list(tags) + ["parameters"]
         if cell.get("cell_type") == "code":
             cell["outputs"], cell["execution_count"] = [], None
-            if cell["id"] in lab.widget_ids:
-                cell["source"] = WIDGET_SKIPPED
         cells.append(cell)
-    prepared["cells"] = cells + [probe_cell(lab, workdir)]
+    prepared["cells"] = skip_widgets({"cells": cells}, lab.widget_ids)["cells"] + [probe_cell(lab, workdir)]
     prepared["metadata"] = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
                             "language_info": {"name": "python"}}
     prepared["nbformat"], prepared["nbformat_minor"] = 4, 5

@@ -29,6 +29,10 @@ BEGIN_HIDDEN, END_HIDDEN = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 STUB_CODE = "# YOUR CODE HERE\nraise NotImplementedError()"
 STUB_MARKDOWN = "*Your answer here.*"
 NOTE_ID = "reglab-generated-note"
+# A cell that only shows sliders. Headless runs (the grader, `python -m reglab.bench lab`) empty it: a
+# slider needs a person, and nbclient can hang on a cell that opens widget comms (jupyter/nbclient#312).
+WIDGET_TAG = "widget"
+WIDGET_SKIPPED = "# (not run here: this cell only shows sliders, which need a person)\n"
 
 
 class LabSourceError(ValueError):
@@ -56,6 +60,20 @@ def find_solution(name_or_path: str) -> Path:
 def _source(cell) -> str:
     src = cell.get("source", "")
     return "".join(src) if isinstance(src, list) else src
+
+
+def widget_ids(notebook: dict) -> frozenset:
+    """Ids of the code cells tagged `widget`."""
+    return frozenset(c.get("id") for c in notebook["cells"] if c.get("cell_type") == "code" and
+                     WIDGET_TAG in c.get("metadata", {}).get("tags", []))
+
+
+def skip_widgets(notebook: dict, ids: frozenset) -> dict:
+    """The notebook with the code cells of these ids emptied (in place), for a headless run."""
+    for cell in notebook["cells"]:
+        if cell.get("cell_type") == "code" and cell.get("id") in ids:
+            cell["source"] = WIDGET_SKIPPED
+    return notebook
 
 
 def _replace_regions(text: str, begin: str, end: str, replacement: str | None, where: str) -> str:

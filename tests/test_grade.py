@@ -406,7 +406,8 @@ def test_a_lost_parameters_tag_is_restored_not_refused():
 def test_slider_cells_are_tagged_and_not_run_by_the_grader(solution_path):
     """A headless nbclient run can hang on a cell that opens widget comms (jupyter/nbclient#312): the
     grader empties every cell the solution tags `widget`, and every `interact(` cell carries that tag."""
-    from reglab.grade import WIDGET_SKIPPED, load_lab, prepare
+    from reglab.grade import load_lab, prepare
+    from reglab.labs import WIDGET_SKIPPED
     notebook = json.loads(solution_path.read_text(encoding="utf-8"))
     sliders = {c["id"] for c in notebook["cells"] if c["cell_type"] == "code" and "interact(" in "".join(c["source"])}
     lab = load_lab(str(solution_path))
