@@ -80,6 +80,7 @@ def bench_lab(args) -> dict:
     output = out_dir / f"{solution.stem}.{args.budget}.ipynb"
     load = os.getloadavg()[0]
     start, cpu_start = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    os.environ["REGLAB_PROGRESS"] = "0"                         # no progress-bar widgets either (the kernel inherits it)
     papermill.execute_notebook(str(source), str(output), cwd=str(ROOT),
                                parameters={"budget": args.budget, "seed": args.seed, "device": args.device},
                                kernel_name="python3", progress_bar=False)

@@ -11,8 +11,9 @@ For each submission the grader
    wall-clock timeout, memory cap, every process killed at the end, another user when run as root),
    with the parameters budget="ci", device="cpu", seed=0, and one cell appended at the end that calls
    every check's probe on the student's objects and writes the JSON data to a file. The lab's slider
-   cells (tagged `widget` in the solution) are not run: a slider needs a person, and a headless
-   papermill/nbclient run can hang on a cell that opens widget comms (jupyter/nbclient#312,
+   cells (tagged `widget` in the solution) are not run, and progress bars are off (REGLAB_PROGRESS=0,
+   set by the sandbox): a widget needs a person, and a headless papermill/nbclient run can hang on a
+   cell that opens widget comms (jupyter/nbclient#312,
    jupyter/nbconvert#2029; it hung one of our CI runs for 300 s);
 3. judges that data in the grader's own process (`Check.judge`, PyTorch as the answer key): a score
    never depends on anything the notebook prints, displays or patches in its kernel.

@@ -59,7 +59,7 @@ class Execution:
 
 
 def sandbox_env(workdir: Path, python: str = sys.executable) -> dict[str, str]:
-    """The child's whole environment: paths into its working directory, one thread, nothing else."""
+    """The child's whole environment: paths into its working directory, one thread, no progress bars, nothing else."""
     env = {
         "PATH": os.pathsep.join([str(Path(python).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
         "HOME": str(workdir), "TMPDIR": str(workdir / "tmp"),
@@ -68,7 +68,8 @@ def sandbox_env(workdir: Path, python: str = sys.executable) -> dict[str, str]:
         "MPLCONFIGDIR": str(workdir / ".config" / "matplotlib"), "IPYTHONDIR": str(workdir / ".ipython"),
         "JUPYTER_CONFIG_DIR": str(workdir / ".jupyter"), "JUPYTER_DATA_DIR": str(workdir / ".local" / "jupyter"),
         "JUPYTER_RUNTIME_DIR": str(workdir / ".local" / "jupyter" / "runtime"),
-    }
+        "REGLAB_PROGRESS": "0",                # no progress-bar widgets: nobody watches, and widget comms
+    }                                          # can hang a headless nbclient run (jupyter/nbclient#312)
     if os.environ.get("PYTHONPATH"):           # what the instructor made importable stays importable
         env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in os.environ["PYTHONPATH"].split(os.pathsep) if p)
     return env

@@ -8,6 +8,7 @@ an evaluation, so a small model on a GPU is not slowed by a host sync every step
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
@@ -48,7 +49,9 @@ class TrainConfig:
     compile: bool = False            # torch.compile the model (worth it on a GPU for runs of many steps)
     cuda_graph: bool = True          # on CUDA, replay the whole step as one CUDA graph (small models are
                                      # launch-bound: ~150 kernel launches a step); built-in optimizers only
-    progress: bool = True            # a tqdm progress bar
+    progress: bool = True            # a tqdm progress bar (a widget in Jupyter); REGLAB_PROGRESS=0 turns
+                                     # every bar off: headless runs (grader, bench) set it, since widget
+                                     # comms can hang a headless nbclient run (jupyter/nbclient#312)
 
     def __post_init__(self):
         if self.steps < 1:
@@ -270,7 +273,8 @@ def train(model: torch.nn.Module, task, config: TrainConfig,
                 raise NonFiniteLossError(synced + i, value, history)
         synced = upto
 
-    bar = tqdm(range(config.steps), desc=desc, disable=not config.progress, leave=False)
+    show = config.progress and os.environ.get("REGLAB_PROGRESS", "1") != "0"
+    bar = tqdm(range(config.steps), desc=desc, disable=not show, leave=False)
     for step in bar:
         x, y = task.train_batch(step, generator)
         lr = lr_at(step, config)

@@ -110,6 +110,24 @@ def test_training_is_deterministic_for_a_seed(tiny_config, tokens):
     assert all(math.isfinite(v) for v in runs[0].loss)
 
 
+@pytest.mark.parametrize("setting, shown", [(None, True), ("0", False)])
+def test_reglab_progress_0_turns_every_progress_bar_off(tiny_config, tokens, monkeypatch, capsys, setting, shown):
+    """Headless runs (the grader's sandbox, the lab benchmark) set REGLAB_PROGRESS=0: no bar, so no widget."""
+    if setting is None:
+        monkeypatch.delenv("REGLAB_PROGRESS", raising=False)
+    else:
+        monkeypatch.setenv("REGLAB_PROGRESS", setting)
+    task = ClassificationTask({"train": (tokens, tokens[:, 0] % 5), "val": (tokens, tokens[:, 0] % 5)}, batch_size=2)
+    model = new_model(GPTConfig(**{**tiny_config.__dict__, "n_classes": 5}))
+    train(model, task, TrainConfig(steps=3, warmup_steps=0, eval_every=3, progress=True))
+    assert ("/3 " in capsys.readouterr().err) == shown       # tqdm draws "0/3 [..." at once
+
+
+def test_the_grader_sandbox_turns_progress_bars_off(tmp_path):
+    from reglab.sandbox import sandbox_env
+    assert sandbox_env(tmp_path)["REGLAB_PROGRESS"] == "0"
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
 
 
