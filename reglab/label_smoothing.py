@@ -360,8 +360,10 @@ SETTINGS = {
                       batch_size=64, warmup_steps=10, eval_every=30, lr=3e-3, seeds=1, n_bins=10),
     # minutes on 2 cores: 4 alphas x 2 seeds x 400 steps (about 15 s per run on one free core)
     "cpu": LabSettings(),
-    # one H100, under 2 minutes for the lab (not yet measured): twice the data, a wider model, bigger
-    # held-out splits, 3 seeds; 4 alphas x 3 seeds x 1000 steps of 128 (125 epochs)
+    # one H100, aimed at under 2 minutes (its time not yet measured on a GPU): twice the data, a wider
+    # model, bigger held-out splits, 3 seeds; 4 alphas x 3 seeds x 1000 steps of 128 (125 epochs). Run on a
+    # CPU instead (fp32, 36 min on one thread): test ECE 0.208 / 0.062 / 0.080 / 0.128 for the 4 alphas,
+    # alpha = 0.1 below alpha = 0 in all 3 seeds
     "gpu": LabSettings(n_train=1024, n_val=4096, n_test=8192, n_embd=128, steps=1000, batch_size=128,
                        warmup_steps=50, eval_every=100, seeds=3),
 }

@@ -338,7 +338,7 @@ def test_grokking_settings_cover_every_budget_and_runs_are_labelled():
         assert [c.weight_decay for _, c in runs.values()] == [0.0, 0.1, 1.0, 1.0, 0.01]
         assert [c.optimizer for _, c in runs.values()] == ["adamw"] * 3 + ["adam_l2"] * 2
         assert all(c.steps == settings.max_steps and c.grad_clip is None for _, c in runs.values())
-    assert wd.grokking_settings("gpu").modulus == 113 and len(wd.grokking_settings("gpu").seeds) >= 2
+    assert len(wd.grokking_settings("gpu").seeds) >= 2
 
 
 def test_held_above_stops_a_run_early():
