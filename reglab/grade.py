@@ -13,8 +13,8 @@ For each submission the grader
    every check's probe on the student's objects and writes the JSON data to a file. The lab's slider
    cells (tagged `widget` in the solution) are not run, and progress bars are off (REGLAB_PROGRESS=0,
    set by the sandbox): a widget needs a person, and a headless papermill/nbclient run can hang on a
-   cell that opens widget comms (jupyter/nbclient#312,
-   jupyter/nbconvert#2029; it hung one of our CI runs for 300 s);
+   cell that opens widget comms (jupyter/nbclient#312, jupyter/nbconvert#2029; it hung one of our CI
+   runs for 300 s);
 3. judges that data in the grader's own process (`Check.judge`, PyTorch as the answer key): a score
    never depends on anything the notebook prints, displays or patches in its kernel.
 
@@ -471,7 +471,9 @@ def prepare(notebook: dict, lab: Lab, workdir: Path) -> dict:
         if cell.get("cell_type") == "code":
             cell["outputs"], cell["execution_count"] = [], None
         cells.append(cell)
-    prepared["cells"] = skip_widgets({"cells": cells}, lab.widget_ids)["cells"] + [probe_cell(lab, workdir)]
+    prepared["cells"] = cells
+    skip_widgets(prepared, lab.widget_ids)
+    prepared["cells"].append(probe_cell(lab, workdir))
     prepared["metadata"] = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
                             "language_info": {"name": "python"}}
     prepared["nbformat"], prepared["nbformat_minor"] = 4, 5
