@@ -12,13 +12,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reglab import capstone
+from reglab.topics.capstone import lab as capstone
 from reglab.checks import REGISTRY, CheckFailed, get
-from reglab.checks import capstone as capstone_checks
-from reglab.claims import BASES, CLAIMS, VERDICTS, by_id, notebook_numbers
-from reglab.lora import LoRALinear, add_lora, merge_lora, trainable_parameters
+from reglab.topics.capstone import checks as capstone_checks
+from reglab.topics.claims import BASES, CLAIMS, VERDICTS, by_id, notebook_numbers
+from reglab.topics.capstone.lora import LoRALinear, add_lora, merge_lora, trainable_parameters
 from reglab.model import DROPOUT_SITES, GPT, GPTConfig
-from reglab.recipes import FINETUNING, PRETRAINING, PUBLISHED_DECAY, decay_per_step
+from reglab.topics.capstone.recipes import FINETUNING, PRETRAINING, PUBLISHED_DECAY, decay_per_step
 from reglab.train import TrainConfig, lr_at
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -459,7 +459,7 @@ def test_ledger_verdicts_on_the_named_corrections():
 
 
 def test_bad_ledger_entries_are_refused():
-    from reglab.claims import Claim
+    from reglab.topics.claims import Claim
     with pytest.raises(ValueError, match="verdict must be one of"):
         Claim("x", "dropout", "c", "s", "probably", "src §1", "01: x")
     with pytest.raises(ValueError, match="has an empty source"):

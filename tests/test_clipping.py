@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from reglab import clipping
+from reglab.topics.clipping import lecture as clipping
 from reglab.checks import REGISTRY, CheckFailed, check, get
-from reglab.checks import clipping as clip_checks
+from reglab.topics.clipping import checks as clip_checks
 
 CHECK_IDS = sorted(k for k in REGISTRY if k.startswith("clipping."))
 

@@ -1,5 +1,5 @@
 """Tests of the dropout topic: the lab's checks accept the solution and name each classic mistake, and the
-topic modules (reglab.dropout, reglab.dropout_lab, reglab.recall) agree with PyTorch and with the math.
+topic modules (reglab.topics.dropout.lecture, reglab.topics.dropout.lab, reglab.topics.dropout.recall) agree with PyTorch and with the math.
 
 The reference implementation is the lab solution itself: its code cells are executed from
 solutions/01_dropout_lab.ipynb, so these tests check what students are graded against.
@@ -19,13 +19,13 @@ import torch.nn.functional as F
 matplotlib.use("Agg")
 
 from reglab.checks import CheckFailed, get  # noqa: E402
-from reglab.dropout import (  # noqa: E402
+from reglab.topics.dropout.lecture import (  # noqa: E402
     derived_batchnorm_shift, derived_moments, dropout_cost, dropout_statistics, dropped_fraction_by_site,
     norm_variance_shift, saved_tensor_bytes, show_dropout, step_times, training_step_flops,
     variance_standard_error)
-from reglab.dropout_lab import SETTINGS, figures, lab_settings, show_sweep, summarize  # noqa: E402
+from reglab.topics.dropout.lab import SETTINGS, figures, lab_settings, show_sweep, summarize  # noqa: E402
 from reglab.model import DROPOUT_SITES, GPT, GPTConfig  # noqa: E402
-from reglab.recall import IGNORE, recall_accuracy, recall_metrics, recall_task  # noqa: E402
+from reglab.topics.dropout.recall import IGNORE, recall_accuracy, recall_metrics, recall_task  # noqa: E402
 from reglab.train import TrainConfig, new_model, train  # noqa: E402
 
 SOLUTION = Path(__file__).resolve().parent.parent / "solutions" / "01_dropout_lab.ipynb"

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import reglab.checks.label_smoothing as checks_module
+import reglab.topics.label_smoothing.checks as checks_module
 from reglab.checks import REGISTRY, CheckFailed, check
-from reglab.label_smoothing import (
+from reglab.topics.label_smoothing.lecture import (
     SETTINGS, BagOfTokens, expected_calibration_error, fit_temperature, label_smoothed_cross_entropy,
     logit_gap, model_config, optimal_logit_gap, optimal_true_probability, reliability_data, smoothed_target,
     true_class_gradient_limit)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from reglab import labs
+from reglab.grading import generate as labs
 
 
 def _cell(source, cell_type="code", tags=None, cell_id=None):
@@ -87,7 +87,7 @@ def test_check_catches_a_stale_missing_or_orphan_lab(tmp_path):
 
 
 def test_the_repository_labs_are_up_to_date():
-    result = subprocess.run([sys.executable, "-m", "reglab.labs", "--check"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "reglab.grading.generate", "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -124,7 +124,7 @@ def test_reglab_progress_0_turns_every_progress_bar_off(tiny_config, tokens, mon
 
 
 def test_the_grader_sandbox_turns_progress_bars_off(tmp_path):
-    from reglab.sandbox import sandbox_env
+    from reglab.grading.sandbox import sandbox_env
     assert sandbox_env(tmp_path)["REGLAB_PROGRESS"] == "0"
 
 

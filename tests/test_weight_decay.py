@@ -10,9 +10,9 @@ import matplotlib
 import pytest
 import torch
 
-from reglab import weight_decay as wd
+from reglab.topics.weight_decay import lecture as wd
 from reglab.checks import REGISTRY, CheckFailed, check, get
-from reglab.checks import weight_decay as wd_checks
+from reglab.topics.weight_decay import checks as wd_checks
 from reglab.model import GPT, GPTConfig
 from reglab.train import TrainConfig, lr_at, new_model, param_groups, train
 

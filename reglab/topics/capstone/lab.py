@@ -17,9 +17,9 @@ import torch
 
 from reglab.budget import by_budget
 from reglab.data import Corpus, LMTask, load_corpus, split_tokens
-from reglab.lora import add_lora, trainable_parameters
+from reglab.topics.capstone.lora import add_lora, trainable_parameters
 from reglab.model import GPT, GPTConfig
-from reglab.recipes import FINETUNING, PRETRAINING
+from reglab.topics.capstone.recipes import FINETUNING, PRETRAINING
 from reglab.train import History, evaluate, new_model, train
 
 STDLIB_DOCSTRINGS = "stdlib-docstrings"

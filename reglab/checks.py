@@ -10,7 +10,7 @@ A check has two halves:
 In a lab notebook `check("dropout.mask_values", Dropout)` runs both halves in the kernel and prints a
 line. The grader runs each probe in the student's kernel but each judge in its own process, so a
 score never depends on anything the notebook prints or patches. Checks live in one module per lab
-(`reglab/checks/dropout.py`, ...), registered under ids "<lab>.<name>".
+(`reglab/topics/dropout/checks.py`, ...), registered under ids "<lab>.<name>".
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def get(check_id: str) -> Check:
     if check_id not in REGISTRY:
         lab = check_id.partition(".")[0]
         try:
-            importlib.import_module(f"reglab.checks.{lab}")
+            importlib.import_module(f"reglab.topics.{lab}.checks")
         except ModuleNotFoundError:
             raise KeyError(f"no checks module for lab {lab!r} (from check id {check_id!r})") from None
     if check_id not in REGISTRY:

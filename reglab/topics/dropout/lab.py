@@ -4,7 +4,7 @@ Four experiments on the course model (reglab.model.GPT, whose dropout is PyTorch
 1. small data, many epochs: sweep p, watch train and val loss part (the overfitting regime);
 2. the same at one site at a time;
 3. one pass over more data, no token seen twice (the underfitting regime of pretraining);
-4. exact recall of random facts (reglab.recall) with and without dropout at the same budget.
+4. exact recall of random facts (reglab.topics.dropout.recall) with and without dropout at the same budget.
 Tune a budget by editing its entry in SETTINGS; nothing else in the lab holds a size.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from reglab.budget import by_budget
 from reglab.data import corpus_task
 from reglab.model import DROPOUT_SITES, GPTConfig
 from reglab.plots import colors_for
-from reglab.recall import recall_metrics, recall_task
+from reglab.topics.dropout.recall import recall_metrics, recall_task
 from reglab.train import TrainConfig, sweep
 
 

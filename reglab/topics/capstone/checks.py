@@ -3,7 +3,7 @@ the course model (`add_lora`), and one fine-tuning step (`finetune_step`).
 
 The answer key is PyTorch: each judge rebuilds the expected values from the probe's data with
 F.linear, autograd, torch.optim.AdamW and torch.nn.utils.clip_grad_norm_, in float64 where it can.
-The LoRA layer's interface (the reference is reglab.lora.LoRALinear): LoRALinear(base, r, alpha,
+The LoRA layer's interface (the reference is reglab.topics.capstone.lora.LoRALinear): LoRALinear(base, r, alpha,
 lora_dropout) with attributes `base` (the frozen nn.Linear), `lora_A` (r, in), `lora_B` (out, r),
 `forward(x)` and `merge() -> nn.Linear`.
 """
@@ -418,7 +418,7 @@ STEP_LR, STEP_WD, STEP_BETAS, STEP_STEPS = 0.05, 0.01, (0.9, 0.95), 3
 
 def _lora_tiny(seed: int = 0):
     """A 1-layer tiny GPT with reference adapters whose B is non-zero (so every adapter gets a gradient)."""
-    from reglab.lora import LoRALinear, add_lora
+    from reglab.topics.capstone.lora import LoRALinear, add_lora
     model = add_lora(_tiny_model(seed, n_layer=1), r=2, alpha=4.0, lora_dropout=0.0)
     for index, module in enumerate(m for m in model.modules() if isinstance(m, LoRALinear)):
         with torch.no_grad():

@@ -192,7 +192,7 @@ def execute(notebook: dict, workdir: Path, parameters: dict, limits: Limits) -> 
     start = time.perf_counter()
     try:
         child = subprocess.Popen(
-            [limits.python, "-m", "reglab.sandbox", str(workdir / SPEC_NAME), str(write_end)],
+            [limits.python, "-m", "reglab.grading.sandbox", str(workdir / SPEC_NAME), str(write_end)],
             pass_fds=(write_end,), cwd=workdir, env=sandbox_env(workdir, limits.python),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, **user)

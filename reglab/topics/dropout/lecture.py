@@ -24,14 +24,14 @@ from reglab.train import TrainConfig, loss_fn, make_optimizer, new_model
 
 @dataclass(frozen=True)
 class NotebookSettings:
-    """Sizes of the dropout notebook's measurements, for one budget (the lab's are in reglab.dropout_lab)."""
+    """Sizes of the dropout notebook's measurements, for one budget (the lab's are in reglab.topics.dropout.lab)."""
     cost_n_layer: int        # the model whose step is timed with and without dropout
     cost_n_embd: int
     cost_block_size: int
     cost_batch_size: int
     cost_steps: int          # timed steps per round and setting
     cost_rounds: int         # rounds alternating no-dropout / dropout
-    sampler_facts: int       # facts the sampling demo's model memorizes (reglab.recall)
+    sampler_facts: int       # facts the sampling demo's model memorizes (reglab.topics.dropout.recall)
     sampler_n_embd: int
     sampler_steps: int
     sampler_p: float = 0.1   # the demo model trains with dropout, to show that eval mode turns it off

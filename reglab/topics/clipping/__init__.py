@@ -1,0 +1,1 @@
+"""The clipping topic: its lecture helpers, its lab's experiments and its lab's checks, side by side."""

@@ -1,0 +1,1 @@
+"""The dropout topic: its lecture helpers, its lab's experiments and its lab's checks, side by side."""
