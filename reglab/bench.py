@@ -68,7 +68,8 @@ def bench_model(args) -> dict:
 def bench_lab(args) -> dict:
     import papermill
 
-    from reglab.grading.generate import ROOT, find_solution, skip_widgets, widget_ids
+    from reglab.grading.lab import skip_widgets, widget_ids
+    from reglab.grading.paths import ROOT, find_solution
     from reglab.results import read_results
 
     solution = find_solution(args.lab)
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     if args.what == "model":
         bench_model(args)
     elif args.what == "grade":
-        from reglab.grading.grade import benchmark
+        from reglab.grading.cli import benchmark
         benchmark(args.lab, args.n, args.workers, args.budget, args.timeout)
     else:
         bench_lab(args)

@@ -28,7 +28,7 @@ SLEEPER = str(1000 + os.getpid() % 1000)     # `sleep SLEEPER` marks the process
 def grade_cli(*args, timeout=900):
     """Run the grader as an instructor would; tests/grading is importable (toy_checks) in it and in kernels."""
     env = {**os.environ, "PYTHONPATH": str(GRADING)}
-    return subprocess.run([sys.executable, "-m", "reglab.grading.grade", *map(str, args)], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "reglab.grade", *map(str, args)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -326,7 +326,7 @@ def test_bad_command_lines_are_refused_with_a_message(tmp_path):
 
 
 def test_student_code_runs_as_another_user_when_the_grader_is_root(tmp_path):
-    from reglab.grading.grade import sandbox_uid
+    from reglab.grading.cli import sandbox_uid
     uid = sandbox_uid("auto")[0] if hasattr(os, "geteuid") and os.geteuid() == 0 else None
     if uid is None:
         pytest.skip("needs a root grader whose Python other users can run")
@@ -342,7 +342,7 @@ def test_student_code_runs_as_another_user_when_the_grader_is_root(tmp_path):
     assert not target.exists()
 
 
-REAL_LABS = [name for name in ["dropout"] if (ROOT / "reglab" / "checks" / f"{name}.py").exists()
+REAL_LABS = [name for name in ["dropout"] if (ROOT / "reglab" / "topics" / name / "checks.py").exists()
              and list((ROOT / "solutions").glob(f"*_{name}_lab.ipynb"))]
 
 
@@ -372,14 +372,14 @@ def test_a_real_lab_gives_the_solution_full_marks_and_the_lab_zero(name, tmp_pat
     (b"   \n", "empty file: only whitespace"),
 ])
 def test_unreadable_files_are_named_for_what_they_are(content, reason):
-    from reglab.grading.grade import Invalid, read_notebook
+    from reglab.grading.validate import Invalid, read_notebook
     with pytest.raises(Invalid) as caught:
         read_notebook(content)
     assert reason in str(caught.value)
 
 
 def test_duplicated_cell_ids_are_refused():
-    from reglab.grading.grade import Invalid, read_notebook
+    from reglab.grading.validate import Invalid, read_notebook
     lab = student_lab()
     lab["cells"][2]["id"] = lab["cells"][3]["id"]
     with pytest.raises(Invalid) as caught:
@@ -390,7 +390,9 @@ def test_duplicated_cell_ids_are_refused():
 def test_a_lost_parameters_tag_is_restored_not_refused():
     sys.path.insert(0, str(GRADING))
     try:
-        from reglab.grading.grade import check_structure, load_lab, prepare
+        from reglab.grading.lab import load_lab
+        from reglab.grading.run import prepare
+        from reglab.grading.validate import check_structure
         lab = load_lab(str(TOY), PRIVATE)
     finally:
         sys.path.remove(str(GRADING))
@@ -406,8 +408,8 @@ def test_a_lost_parameters_tag_is_restored_not_refused():
 def test_slider_cells_are_tagged_and_not_run_by_the_grader(solution_path):
     """A headless nbclient run can hang on a cell that opens widget comms (jupyter/nbclient#312): the
     grader empties every cell the solution tags `widget`, and every `interact(` cell carries that tag."""
-    from reglab.grading.grade import load_lab, prepare
-    from reglab.grading.generate import WIDGET_SKIPPED
+    from reglab.grading.lab import WIDGET_SKIPPED, load_lab
+    from reglab.grading.run import prepare
     notebook = json.loads(solution_path.read_text(encoding="utf-8"))
     sliders = {c["id"] for c in notebook["cells"] if c["cell_type"] == "code" and "interact(" in "".join(c["source"])}
     lab = load_lab(str(solution_path))
@@ -419,7 +421,7 @@ def test_slider_cells_are_tagged_and_not_run_by_the_grader(solution_path):
 
 
 def test_folders_are_searched_but_not_the_output_folder(tmp_path):
-    from reglab.grading.grade import find_submissions
+    from reglab.grading.gradebook import find_submissions
     for path in ["alice/01_dropout_lab.ipynb", "bob.ipynb", "grades/executed/bob.ipynb", ".ipynb_checkpoints/x.ipynb"]:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text("{}")
@@ -428,8 +430,8 @@ def test_folders_are_searched_but_not_the_output_folder(tmp_path):
 
 
 def test_the_lab_is_inferred_from_the_generated_note(tmp_path):
-    from reglab.grading.grade import infer_lab
-    from reglab.grading.generate import lab_name
+    from reglab.grading.lab import infer_lab
+    from reglab.grading.paths import lab_name
     solutions = sorted((ROOT / "solutions").glob("*_lab.ipynb"))
     if not solutions:
         pytest.skip("no solutions yet")

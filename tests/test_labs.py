@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from reglab.grading import generate as labs
+from reglab.grading import paths
 
 
 def _cell(source, cell_type="code", tags=None, cell_id=None):
@@ -87,12 +88,12 @@ def test_check_catches_a_stale_missing_or_orphan_lab(tmp_path):
 
 
 def test_the_repository_labs_are_up_to_date():
-    result = subprocess.run([sys.executable, "-m", "reglab.grading.generate", "--check"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "reglab.labs", "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_lab_names_and_lookup():
-    assert labs.lab_name(labs.SOLUTIONS / "01_dropout_lab.ipynb") == "dropout"
-    assert labs.lab_name(labs.SOLUTIONS / "02_weight_decay_lab.ipynb") == "weight_decay"
+    assert paths.lab_name(paths.SOLUTIONS / "01_dropout_lab.ipynb") == "dropout"
+    assert paths.lab_name(paths.SOLUTIONS / "02_weight_decay_lab.ipynb") == "weight_decay"
     with pytest.raises(ValueError, match="unknown lab 'nope'; the labs are"):
-        labs.find_solution("nope")
+        paths.find_solution("nope")

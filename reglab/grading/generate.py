@@ -1,4 +1,4 @@
-"""Student labs are generated from the solutions: `solutions/` is the single source of every lab.
+"""Grading room, the lab generator: every student lab is cut from its solution, `solutions/` being the single source.
 
     python -m reglab.labs          # write labs/ from solutions/
     python -m reglab.labs --check  # exit 1 if labs/ is stale (CI runs this)
@@ -17,63 +17,27 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-SOLUTIONS, LABS = ROOT / "solutions", ROOT / "labs"
+from reglab.grading.paths import LABS, ROOT, SOLUTIONS
 
 BEGIN_SOLUTION, END_SOLUTION = "### BEGIN SOLUTION", "### END SOLUTION"
 BEGIN_HIDDEN, END_HIDDEN = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 STUB_CODE = "# YOUR CODE HERE\nraise NotImplementedError()"
 STUB_MARKDOWN = "*Your answer here.*"
 NOTE_ID = "reglab-generated-note"
-# A cell that only shows sliders. Headless runs (the grader, `python -m reglab.bench lab`) empty it: a
-# slider needs a person, and nbclient can hang on a cell that opens widget comms (jupyter/nbclient#312).
-WIDGET_TAG = "widget"
-WIDGET_SKIPPED = "# (not run here: this cell only shows sliders, which need a person)\n"
+DESCRIPTION = "Student labs are generated from the solutions: `solutions/` is the single source of every lab."
 
 
 class LabSourceError(ValueError):
     """A solution notebook whose markers cannot be turned into a lab."""
 
 
-def lab_name(path: Path) -> str:
-    """Short name of a lab from its file name: solutions/01_dropout_lab.ipynb -> 'dropout'."""
-    return re.sub(r"^\d+_|_lab$", "", path.stem)
-
-
-def find_solution(name_or_path: str) -> Path:
-    """A solution notebook by short name ('dropout') or by path."""
-    path = Path(name_or_path)
-    if path.suffix == ".ipynb":
-        if not path.is_file():
-            raise FileNotFoundError(f"no solution notebook at {str(path)!r}")
-        return path
-    found = {lab_name(p): p for p in sorted(SOLUTIONS.glob("*.ipynb"))}
-    if name_or_path not in found:
-        raise ValueError(f"unknown lab {name_or_path!r}; the labs are {sorted(found)} (or give a solution's path)")
-    return found[name_or_path]
-
-
-def _source(cell) -> str:
+def cell_source(cell) -> str:
+    """A cell's source as one string (nbformat allows a string or a list of lines)."""
     src = cell.get("source", "")
-    return "".join(src) if isinstance(src, list) else src
-
-
-def widget_ids(notebook: dict) -> frozenset:
-    """Ids of the code cells tagged `widget`."""
-    return frozenset(c.get("id") for c in notebook["cells"] if c.get("cell_type") == "code" and
-                     WIDGET_TAG in c.get("metadata", {}).get("tags", []))
-
-
-def skip_widgets(notebook: dict, ids: frozenset) -> dict:
-    """The notebook with the code cells of these ids emptied (in place), for a headless run."""
-    for cell in notebook["cells"]:
-        if cell.get("cell_type") == "code" and cell.get("id") in ids:
-            cell["source"] = WIDGET_SKIPPED
-    return notebook
+    return "".join(src) if isinstance(src, list) else str(src)
 
 
 def _replace_regions(text: str, begin: str, end: str, replacement: str | None, where: str) -> str:
@@ -105,11 +69,11 @@ def make_lab(solution: dict, source_name: str) -> dict:
     cells = []
     for index, cell in enumerate(lab["cells"]):
         where = f"{source_name}, cell {index} ({cell.get('id', 'no id')})"
-        text = _source(cell)
+        text = cell_source(cell)
         is_code = cell["cell_type"] == "code"
         text = _replace_regions(text, BEGIN_SOLUTION, END_SOLUTION, STUB_CODE if is_code else STUB_MARKDOWN, where)
         text = _replace_regions(text, BEGIN_HIDDEN, END_HIDDEN, None, where)
-        if not text.strip() and _source(cell).strip():
+        if not text.strip() and cell_source(cell).strip():
             continue                                   # a hidden-tests-only cell
         cell["source"] = text
         tags = cell.get("metadata", {}).get("tags", [])
@@ -176,7 +140,7 @@ def write_labs(solutions_dir: Path = SOLUTIONS, labs_dir: Path = LABS) -> list[P
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reglab.labs", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m reglab.labs", description=DESCRIPTION)
     parser.add_argument("--check", action="store_true", help="exit 1 if labs/ is stale instead of writing it")
     args = parser.parse_args(argv)
     try:
@@ -193,6 +157,3 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Grading room, the command line: `python -m reglab.grade` grades many submissions in a pool of worker processes, or self-checks one.
+
+    python -m reglab.grade dropout submissions/ --out grades/ [--workers 2] [--tests private/]
+    python -m reglab.grade --self-check labs/01_dropout_lab.ipynb      # a student's public checks
+
+Each submission is validated here (no code runs), then one worker process runs it start to end
+(`reglab.grading.run`) while this process keeps the gradebook. `benchmark` grades copies of a solution
+for `python -m reglab.bench grade`.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import importlib
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from reglab import checks as check_registry
+from reglab.grading.gradebook import Gradebook, find_submissions, lock
+from reglab.grading.judge import not_run, one_line
+from reglab.grading.lab import Lab, infer_lab, load_lab, load_private_tests
+from reglab.grading.run import STATUSES, Graded, Options, grade_submission, invalid_graded, run_submission
+from reglab.grading.sandbox import skip_slow_optional_imports
+from reglab.grading.validate import Submission, validate_submission
+
+DESCRIPTION = "Grading submitted labs: validate each notebook, run it in a sandbox, probe it there, judge here."
+DEFAULT_SANDBOX_UID = 61000           # root grader: student code runs as uid 61000 + worker slot (no account needed)
+
+
+_WORKER: dict = {}
+
+
+def _on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)          # unwinds grade_submission, whose sandbox then kills the kernel
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt                 # a terminated grader stops its workers the way Ctrl-C does
+
+
+def _init_worker(lab: Lab, tests_dir: str | None, slots) -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    skip_slow_optional_imports()
+    importlib.import_module("nbformat")     # imported once here rather than inside the first timed submission
+    if tests_dir:
+        load_private_tests(Path(tests_dir), lab.prefixes)
+    for check in lab.checks:                # import every judge before any student code runs
+        check_registry.get(check.id)
+    _WORKER.update(lab=lab, slot=slots.get() if slots is not None else 0)
+
+
+def _grade_in_worker(submission: Submission, options: Options) -> Graded:
+    return run_submission(submission, _WORKER["lab"], options, _WORKER["slot"])
+
+
+def sandbox_uid(choice: str) -> tuple[int | None, str]:
+    """The base uid for student code ('auto': 61000 when the grader is root and that user can run
+    this Python; 'self': the grader's own user; or a number) and a warning when it falls back."""
+    if choice == "self":
+        return None, ""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        if choice != "auto":
+            raise ValueError(f"--sandbox-uid {choice} needs a grader running as root")
+        return None, ""
+    base = DEFAULT_SANDBOX_UID if choice == "auto" else int(choice)
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import sys; sys.modules['rfc3987_syntax'] = None; "
+                                "import reglab.grading.sandbox, papermill, ipykernel"], user=base,
+                               group=base, extra_groups=[], cwd="/", capture_output=True, timeout=120,
+                               env={"PATH": "/usr/bin:/bin", "HOME": "/", "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+        problem = "" if probe.returncode == 0 else probe.stderr.decode(errors="replace").strip().split("\n")[-1]
+    except (OSError, subprocess.SubprocessError) as err:
+        problem = str(err)
+    if not problem:
+        return base, ""
+    message = (f"uid {base} cannot run {sys.executable} ({problem[:200]})")
+    if choice != "auto":
+        raise ValueError(message)
+    return None, (f"warning: student code runs as root, because {message}. Make Python and the course "
+                  "readable by other users, or run the grader in a container (README, instructors).")
+
+
+def grade(lab: Lab, submissions: list[tuple[Path, str]], out: Path, options: Options, workers: int = 1,
+          force: bool = False, tests_dir: Path | None = None, log=print) -> list[Graded]:
+    """Grade submissions into out; returns what was graded in this run (skipped ones excluded)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with lock(out):
+        return _grade_unlocked(lab, submissions, out, options, workers, force, tests_dir, log)
+
+
+def _grade_unlocked(lab, submissions, out, options, workers, force, tests_dir, log) -> list[Graded]:
+    book = Gradebook(out, lab)
+    for line in book.warnings:
+        log(f"warning: {line}")
+    todo, done = [], []
+    for path, name in submissions:
+        submission = validate_submission(path, name, lab)       # cheap, in this process: no code runs
+        if not force and book.up_to_date(name, submission.sha256):
+            row = book.rows[name]
+            log(f"skipped {name}: already {row['status']} ({row['score']}/{lab.max_score}); --force regrades it")
+        elif submission.invalid:
+            graded = invalid_graded(submission, lab)
+            book.record(graded)
+            done.append(graded)
+            log(f"{name}: invalid ({graded.reason})")
+        else:
+            todo.append(submission)
+    if not todo:
+        return done
+    workers = min(workers, len(todo))
+    context = multiprocessing.get_context("spawn")
+    slots = context.Queue()
+    for slot in range(workers):
+        slots.put(slot)
+    start, finished = time.perf_counter(), 0
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                                                  initargs=(lab, str(tests_dir) if tests_dir else None, slots))
+    try:
+        futures = {pool.submit(_grade_in_worker, submission, options): submission for submission in todo}
+        for future in concurrent.futures.as_completed(futures):
+            name = futures[future].name
+            try:
+                graded = future.result()
+            except Exception as err:                 # noqa: BLE001 - the worker itself failed
+                graded = Graded(name, "error", f"the grader's worker failed: {type(err).__name__}: {one_line(err, 200)}",
+                                not_run(lab, "the grader failed"), futures[future].sha256, 0.0)
+            book.record(graded)
+            restore(book, log)
+            done.append(graded)
+            finished += 1
+            log(f"[{finished}/{len(todo)}] {name}: {graded.status}, {graded.score}/{lab.max_score} "
+                f"in {graded.seconds:.1f} s ({graded.reason})")
+    except BaseException:
+        for process in list(getattr(pool, "_processes", {}).values()):   # stop workers mid-submission
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        restore(book, log)
+    log(f"ran {len(todo)} submission(s) in {time.perf_counter() - start:.1f} s with {workers} worker(s); "
+        f"gradebook: {book.csv_path}")
+    return done
+
+
+def restore(book: Gradebook, log) -> None:
+    """Rewrite any gradebook file a submission's code changed, saying so."""
+    for path in book.restore():
+        log(f"warning: restored {path}, which a submission's code had changed")
+
+
+def self_check(notebook: Path, lab_name_or_path: str | None, options: Options, tests_dir: Path | None = None,
+               log=print) -> int:
+    """Run a student's notebook with the public checks only and print each verdict; 0 if all pass."""
+    lab = load_lab(lab_name_or_path or infer_lab(notebook), tests_dir, kinds=("public",))
+    log(f"self-check of {notebook} against the {lab.name} lab (public checks only; budget {options.budget}, "
+        f"device {options.device}); this takes about as long as running the notebook")
+    graded = grade_submission(Path(notebook), Path(notebook).stem, lab, options)
+    log(f"status: {graded.status} ({graded.reason})")
+    for verdict in graded.verdicts:
+        mark = "passed" if verdict.passed else "FAILED"
+        log(f"  {mark}  {verdict.check.id} ({verdict.check.points} pt): {verdict.message or verdict.check.summary}")
+    log(f"public checks: {graded.score} / {lab.max_score} points. The grade also counts hidden tests.")
+    return 0 if graded.status == "graded" and graded.score == lab.max_score else 1
+
+
+def benchmark(lab_name_or_path: str, n: int = 30, workers: int = 2, budget: str = "ci", timeout_s: float = 300.0) -> dict:
+    """Grade n copies of a lab's solution and print the total and per-submission wall times."""
+    skip_slow_optional_imports()
+    lab = load_lab(lab_name_or_path)
+    with tempfile.TemporaryDirectory(prefix="reglab-bench-grade-") as folder:
+        submissions = []
+        for i in range(n):
+            path = Path(folder) / "submissions" / f"copy{i + 1:02d}.ipynb"
+            path.parent.mkdir(exist_ok=True)
+            shutil.copyfile(lab.solution, path)
+            submissions.append((path, path.stem))
+        options = Options(budget=budget, timeout_s=timeout_s, uid=sandbox_uid("auto")[0])
+        start = time.perf_counter()
+        done = grade(lab, submissions, Path(folder) / "out", options, workers=workers, log=lambda line: None)
+        total = time.perf_counter() - start
+    times = sorted(g.seconds for g in done)
+    statuses = {s: sum(g.status == s for g in done) for s in STATUSES}
+    print(f"graded {n} copies of {lab.solution.name} (budget {budget}, {workers} workers): {total:.1f} s total")
+    print(f"per submission: min {times[0]:.1f} s, median {times[len(times) // 2]:.1f} s, max {times[-1]:.1f} s")
+    print("statuses: " + ", ".join(f"{k} {v}" for k, v in statuses.items() if v)
+          + f"; full marks: {sum(g.score == lab.max_score for g in done)} of {n}")
+    for g in sorted(done, key=lambda g: g.name):
+        print(f"  {g.name}: {g.seconds:.1f} s, {g.status}, {g.score}/{lab.max_score}")
+    return {"total_s": total, "per_submission_s": times, "statuses": statuses}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reglab.grade", description=DESCRIPTION,
+                                     epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("lab", nargs="?", help="a lab's short name (dropout, ...) or its solution notebook's path")
+    parser.add_argument("submissions", nargs="*", help="notebook files or folders of them")
+    parser.add_argument("--out", metavar="DIR", help="output folder: grades.csv, feedback/, executed/")
+    parser.add_argument("--self-check", metavar="NOTEBOOK", help="run your own lab with its public checks only")
+    parser.add_argument("--lab", dest="lab_option", metavar="LAB", help="the lab, for --self-check (default: inferred)")
+    parser.add_argument("--tests", metavar="DIR", help="folder of private test files: each adds Checks and lists "
+                        "CHECKS = [(check id, object name), ...]")
+    parser.add_argument("--workers", type=int, metavar="N", default=1, help="submissions graded at once (default 1)")
+    parser.add_argument("--force", action="store_true", help="regrade submissions the gradebook already has")
+    parser.add_argument("--timeout", type=float, metavar="S", default=300.0, help="seconds per submission (default 300)")
+    parser.add_argument("--memory-mb", type=int, metavar="MB", default=4096, help="memory cap per process (default 4096)")
+    parser.add_argument("--budget", default="ci", choices=["ci", "cpu", "gpu"], help="injected budget (default ci)")
+    parser.add_argument("--seed", type=int, default=0, help="injected seed (default 0)")
+    parser.add_argument("--device", default="cpu", help="injected device (default cpu)")
+    parser.add_argument("--sandbox-uid", default="auto", metavar="UID",
+                        help="root grader: uid for student code ('auto': 61000 + worker slot; 'self': no switch)")
+    args = parser.parse_args(argv)
+    skip_slow_optional_imports()
+    if args.workers < 1 or args.timeout <= 0 or args.memory_mb < 256:
+        parser.error("--workers must be >= 1, --timeout > 0 and --memory-mb >= 256")
+    tests_dir = Path(args.tests) if args.tests else None
+    try:
+        uid, warning = sandbox_uid(args.sandbox_uid)
+        options = Options(args.budget, args.seed, args.device, args.timeout, args.memory_mb, uid)
+        if args.self_check:
+            if args.submissions or args.out:
+                parser.error("--self-check takes one notebook and no --out")
+            if warning:
+                print(warning, file=sys.stderr)
+            return self_check(Path(args.self_check), args.lab_option or args.lab, options, tests_dir)
+        if not args.lab or not args.submissions or not args.out:
+            parser.error("give LAB, at least one SUBMISSION and --out DIR (or --self-check NOTEBOOK)")
+        lab = load_lab(args.lab, tests_dir)
+        submissions = find_submissions(args.submissions, Path(args.out))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if warning:
+        print(warning, file=sys.stderr)
+    print(f"grading {len(submissions)} submission(s) of the {lab.name} lab: {len(lab.checks)} checks, "
+          f"{lab.max_score} points; budget {options.budget}, timeout {options.timeout_s:g} s, memory {options.memory_mb} MB")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        grade(lab, submissions, Path(args.out), options, args.workers, args.force, tests_dir)
+    except KeyboardInterrupt:
+        print("interrupted: the gradebook holds every submission graded so far", file=sys.stderr)
+        return 130
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
