@@ -26,8 +26,9 @@ SLEEPER = str(1000 + os.getpid() % 1000)     # `sleep SLEEPER` marks the process
 
 
 def grade_cli(*args, timeout=900):
-    """Run the grader as an instructor would; tests/grading is importable (toy_checks) in it and in kernels."""
-    env = {**os.environ, "PYTHONPATH": str(GRADING)}
+    """Run the grader as an instructor would; tests/grading is importable (toy_checks) in it and in kernels,
+    and so is the reglab under test when the test run put it on PYTHONPATH."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(GRADING)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     return subprocess.run([sys.executable, "-m", "reglab.grade", *map(str, args)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -181,7 +182,8 @@ def test_feedback_shows_hidden_and_private_checks_by_summary_only(toy):
     for secret in ("BEGIN HIDDEN", "probe_p_zero", "def ", "_reglab_grader_probes", "toy_private"):
         assert secret not in text
     executed = (out / "executed" / "mistake.ipynb").read_text()
-    assert "_reglab_grader_probes" not in executed and "toy.keeps_shape" not in executed
+    assert "_reglab_grader_probes" not in executed and "reglab.grading.probe" not in executed
+    assert "toy.keeps_shape" not in executed
 
 
 @pytest.mark.parametrize("name, reason", [
@@ -438,3 +440,67 @@ def test_the_lab_is_inferred_from_the_generated_note(tmp_path):
     path = tmp_path / "my_work.ipynb"
     path.write_text(dumps(make_lab(json.loads(solutions[0].read_text()), solutions[0].name)))
     assert infer_lab(path) == lab_name(solutions[0])
+
+
+def _toy_lab_and_probe_cell(workdir: Path):
+    sys.path.insert(0, str(GRADING))
+    try:
+        from reglab.grading.lab import load_lab
+        from reglab.grading.probe import probe_cell
+        lab = load_lab(str(TOY), PRIVATE)
+    finally:
+        sys.path.remove(str(GRADING))
+    return lab, probe_cell(lab, workdir)
+
+
+@pytest.mark.parametrize("mistake, score", [(False, 5), (True, 2)])
+def test_the_probe_cell_is_a_call_of_importable_code_whose_data_is_judged_here(tmp_path, mistake, score):
+    """The appended cell calls reglab.grading.probe (no grader code pasted into the notebook); run here
+    on the toy dropout, with and without the 1/p mistake, its file judges like a graded notebook."""
+    import signal
+
+    import torch
+
+    from reglab.grading.judge import judge_all
+    from reglab.grading.probe import PROBE_FILE, read_probe_results
+    lab, cell = _toy_lab_and_probe_cell(tmp_path)
+    assert len(cell["source"].strip().split("\n")) <= 4 and "def " not in cell["source"]
+    (tmp_path / ".reglab-tests").mkdir()
+    (tmp_path / ".reglab-tests" / "toy_private.py").write_bytes((PRIVATE / "toy_private.py").read_bytes())
+
+    def dropout(x, p, generator=None):
+        keep = torch.rand(x.shape, generator=generator) >= p
+        return x * keep / (p if mistake else 1 - p)
+
+    namespace, alarm, path = {"dropout": dropout}, signal.getsignal(signal.SIGALRM), list(sys.path)
+    try:
+        exec(cell["source"], namespace)
+    finally:
+        signal.signal(signal.SIGALRM, alarm)
+        sys.path[:] = path                          # the probe puts the private tests' folder on it
+    assert set(namespace) == {"dropout", "__builtins__"}          # the cell leaves no name behind
+    verdicts = judge_all(lab, *read_probe_results(tmp_path / PROBE_FILE))
+    assert sum(v.earned for v in verdicts) == score
+    assert [v.check.id for v in verdicts if not v.passed] == ([] if not mistake else ["toy.scale", "toy.p_zero_identity"])
+
+
+def test_a_probe_that_runs_past_its_time_is_stopped_and_judged_a_failure(tmp_path):
+    import signal
+
+    from reglab.grading.judge import judge_all
+    from reglab.grading.probe import PROBE_FILE, read_probe_results, run_probes
+    lab, _ = _toy_lab_and_probe_cell(tmp_path)
+
+    def dropout(x, p, generator=None):
+        while True:
+            pass
+
+    plan = [[c.id, c.object_name, c.kind] for c in lab.checks if c.kind == "public"][:1]
+    alarm = signal.getsignal(signal.SIGALRM)
+    try:
+        run_probes({"dropout": dropout}, plan, str(tmp_path), [], str(tmp_path / PROBE_FILE), 0.2)
+    finally:
+        signal.signal(signal.SIGALRM, alarm)
+    results, why = read_probe_results(tmp_path / PROBE_FILE)
+    assert results == {plan[0][0]: {"error": "ProbeTimeout", "message": ""}}
+    assert "ran longer than 60 s" in judge_all(lab, results, why)[0].message

@@ -1,10 +1,10 @@
 """Grading room, one submission start to end: prepare it, execute it in the sandbox, read its probe data back, judge it, and give it a status and a reason.
 
 The sandbox (`reglab.grading.sandbox`: wall-clock timeout, memory cap, every process killed at the
-end, another user when run as root) executes the notebook with papermill in a fresh kernel in a private
-working directory, with the parameters budget="ci", device="cpu", seed=0 (by default), the lab's slider
-cells emptied and progress bars off (REGLAB_PROGRESS=0, set by the sandbox): a widget needs a person,
-and a headless papermill/nbclient run can hang on a cell that opens widget comms (jupyter/nbclient#312,
+end) executes the notebook with papermill in a fresh kernel in a private working directory, with the
+parameters budget="ci", device="cpu", seed=0 (by default), the lab's slider cells emptied and progress
+bars off (REGLAB_PROGRESS=0, set by the sandbox): a widget needs a person, and a headless
+papermill/nbclient run can hang on a cell that opens widget comms (jupyter/nbclient#312,
 jupyter/nbconvert#2029; it hung one of our CI runs for 300 s). The probe cell is appended at the end.
 Status is graded, error, timeout or invalid, always with a reason; the score is the points of the
 checks whose data reached the grader and passed.
@@ -33,11 +33,11 @@ MEMORY_WORDS = ("DefaultCPUAllocator: can't allocate memory",)           # torch
 
 @dataclass(frozen=True)
 class Options:
-    budget: str = "ci"
-    seed: int = 0
-    device: str = "cpu"
-    timeout_s: float = 300.0
-    memory_mb: int = 4096
+    budget: str = "ci"              # injected into the parameters cell: seconds on 2 CPU cores
+    seed: int = 0                   # injected too
+    device: str = "cpu"             # injected too
+    timeout_s: float = 300.0        # wall clock for one submission, kernel start-up included
+    memory_mb: int = 4096           # memory cap per process of the submission
     uid: int | None = None          # base uid of the sandbox (root grader only)
 
     def parameters(self) -> dict:
