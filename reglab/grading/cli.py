@@ -1,4 +1,4 @@
-"""Grading room, the command line: `python -m reglab.grade` grades many submissions in a pool of worker processes, or self-checks one.
+"""Grading room, the command line (`python -m reglab.grade`): many submissions in worker processes, or one self-check.
 
     python -m reglab.grade dropout submissions/ --out grades/ [--workers 2] [--tests private/]
     python -m reglab.grade --self-check labs/01_dropout_lab.ipynb      # a student's public checks

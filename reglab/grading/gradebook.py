@@ -1,4 +1,4 @@
-"""Grading room, the gradebook: the student's feedback, grades.csv, and the files of an output folder, written atomically and resumable.
+"""Grading room, the gradebook: feedback, grades.csv and executed notebooks, written atomically, resumed on a rerun.
 
 Results in DIR: `grades.csv` (one row per submission: submission, status, score, max_score, reason,
 sha256, then the points earned per check), `feedback/<submission>.md` (each failed check with the

@@ -1,4 +1,4 @@
-"""Grading room: where the course keeps its labs (`solutions/`, the single source, and the generated `labs/`) and how a lab is named and found.
+"""Grading room: where the labs live (`solutions/`, the single source; `labs/`, generated) and how a lab is named and found.
 
 The generator writes these folders and the grader reads them; both import the paths from here (and
 neither from the other), so the lab loader may use the generator without an import cycle.

@@ -1,4 +1,4 @@
-"""Grading room, the probe: the one piece of grader code that runs in the student's kernel, the cell that calls it, and reading its file back.
+"""Grading room, the probe: the grader's only code in the student's kernel, the cell that calls it, and reading its data back.
 
 The grader appends one cell to the submission, a call of `run_probes` (see `probe_cell`). In the
 kernel, after the student's code, it runs each check's probe on the student's object and writes the

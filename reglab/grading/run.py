@@ -1,4 +1,4 @@
-"""Grading room, one submission start to end: prepare it, execute it in the sandbox, read its probe data back, judge it, and give it a status and a reason.
+"""Grading room, one submission start to end: prepare, run in the sandbox, read back and judge, status and reason.
 
 The sandbox (`reglab.grading.sandbox`: wall-clock timeout, memory cap, every process killed at the
 end) executes the notebook with papermill in a fresh kernel in a private working directory, with the
