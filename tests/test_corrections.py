@@ -213,3 +213,36 @@ def test_the_corrected_entries_say_what_the_sources_say():
     assert "global norm 1.0" in claims["bert-l2-in-adam"].source_says
     assert {"dropout-typical-values", "dropout-small-datasets"} <= set(claims)
     assert "§4.2" in claims["dropout-typical-values"].source and "§5.4" in claims["dropout-typical-values"].source
+
+
+# ------------------------------------------------- solutions/02 adam-l2-matched: lambda_L2 = lambda_W sqrt(v_hat)
+def decay_after(optimizer_cls, weight_decay: float, rms: float, steps: int = 200, lr: float = 1e-3) -> float:
+    """How far a weight of 0.02 moves in `steps` steps under a loss gradient that alternates +-rms (RMS rms, mean 0)."""
+    theta = torch.nn.Parameter(torch.tensor([0.02], dtype=torch.float64))
+    optimizer = optimizer_cls([theta], lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
+    for step in range(steps):
+        theta.grad = torch.tensor([rms if step % 2 == 0 else -rms], dtype=torch.float64)
+        optimizer.step()
+    return 0.02 - float(theta.detach())
+
+
+def test_matched_l2_lambda_gives_adamws_decay_and_the_same_lambda_does_not():
+    from reglab.topics.weight_decay.lecture import matched_l2_weight_decay
+    rms = 4e-3
+    adamw = decay_after(torch.optim.AdamW, 1.0, rms) - decay_after(torch.optim.AdamW, 0.0, rms)
+    matched = decay_after(torch.optim.Adam, matched_l2_weight_decay(1.0, rms), rms) - decay_after(torch.optim.Adam, 0.0, rms)
+    # the L2 term is 2% of the gradient here (lambda theta / rms), so v_hat is the gradient's: agreement to ~10%
+    assert matched == pytest.approx(adamw, rel=0.1)
+    # the same lambda moves the weight about lr per step (1/rms = 250 times AdamW's), until it reaches 0: 10 steps
+    same = decay_after(torch.optim.Adam, 1.0, rms, steps=10) - decay_after(torch.optim.Adam, 0.0, rms, steps=10)
+    adamw_10 = decay_after(torch.optim.AdamW, 1.0, rms, steps=10) - decay_after(torch.optim.AdamW, 0.0, rms, steps=10)
+    assert same > 10 * adamw_10
+
+
+def test_the_measured_gradient_scale_is_a_few_thousandths_on_the_ci_task():
+    from reglab.data import modular_addition
+    from reglab.topics.weight_decay.lecture import adam_gradient_scale, grokking_model, grokking_settings
+    settings = grokking_settings("ci")
+    task = modular_addition(settings.modulus, settings.train_fraction, seed=0)
+    scale = adam_gradient_scale(grokking_model(settings), task, settings.lr, settings.betas, steps=30)
+    assert scale["q1"] <= scale["median"] <= scale["q3"] and 1e-4 < scale["median"] < 1e-1
