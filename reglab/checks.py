@@ -68,3 +68,116 @@ def check(check_id: str, obj) -> None:
         raise CheckFailed(f"{check_id}: not implemented yet (the stub raises NotImplementedError)") from None
     spec.judge(data)
     print(f"passed {check_id}: {spec.summary}")
+
+
+# ------------------------------------------------------------------------ shortcuts a submission may not take
+# Where a lab asks the student to write something (dropout, clipping, a label-smoothed loss, AdamW, LoRA),
+# PyTorch's implementation of it and the course's own reference are the answer key, not a submission. One
+# mechanism refuses them for every lab: `refusing(shortcuts, check)` wraps a check so that its probe
+# records, as data, which forbidden callables the student's object is (or subclasses) and which of them ran
+# while the probe ran it; its judge refuses on that data before judging anything else. The record is made
+# with `sys.setprofile`, which sees every call of a Python function (by its code object, so an alias bound
+# by `from torch.nn.functional import dropout as drop` is seen too) and of a builtin (by identity). A
+# hostile kernel can forge probe data, as it can any; the aim is to stop honest shortcut submissions.
+
+@dataclass(frozen=True)
+class Shortcut:
+    path: str                                          # dotted path of a forbidden function or class
+    why: str                                           # what the exercise asks for instead, shown to the student
+    only_if: Callable[[dict], bool] | None = None      # a test of the call's arguments; None: every call counts
+
+
+def resolve(path: str):
+    """The object at a dotted path, importing the longest module prefix ("torch.nn.functional.dropout")."""
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ValueError(f"cannot import any module of {path!r}")
+
+
+def _watched(shortcuts) -> tuple[dict, dict, list]:
+    """Code objects and builtins to watch, each mapped to its shortcut; and (class or function, shortcut)."""
+    import inspect
+    by_code, by_builtin, objects = {}, {}, []
+    for shortcut in shortcuts:
+        obj = resolve(shortcut.path)
+        objects.append((obj, shortcut))
+        # a class: the methods it defines itself (nn.Dropout.forward, Adam.step, LoRALinear.__init__, ...)
+        members = [m for m in vars(obj).values()] if isinstance(obj, type) else [obj]
+        for member in members:
+            member = getattr(member, "__func__", member)                 # staticmethod, classmethod
+            if not callable(member):
+                continue
+            inner = inspect.unwrap(member)
+            code = getattr(inner, "__code__", None)
+            if code is not None:
+                # only the function itself, never a decorator's generic wrapper (torch.no_grad's is shared)
+                if code.co_name == getattr(inner, "__name__", None):
+                    by_code[code] = shortcut
+            elif not isinstance(obj, type):
+                by_builtin[id(member)] = shortcut                        # torch.dropout: a C function
+    return by_code, by_builtin, objects
+
+
+def _is_or_subclasses(obj, forbidden) -> bool:
+    import inspect
+    if obj is forbidden or (callable(obj) and inspect.unwrap(obj) is forbidden):
+        return True
+    if isinstance(forbidden, type):
+        return (isinstance(obj, type) and issubclass(obj, forbidden)) or isinstance(obj, forbidden)
+    return False
+
+
+def shortcuts_taken(obj, shortcuts, run: Callable[[], Any]) -> tuple[Any, list[str]]:
+    """(run(), paths of the shortcuts that obj is, or that were called while run() ran), in that order."""
+    import sys
+    by_code, by_builtin, objects = _watched(shortcuts)
+    taken = {s.path for forbidden, s in objects if _is_or_subclasses(obj, forbidden)}
+
+    def profiler(frame, event, arg):
+        if event == "call":
+            shortcut = by_code.get(frame.f_code)
+            if shortcut is not None and (shortcut.only_if is None or shortcut.only_if(frame.f_locals)):
+                taken.add(shortcut.path)
+        elif event == "c_call":
+            shortcut = by_builtin.get(id(arg))
+            if shortcut is not None:
+                taken.add(shortcut.path)
+
+    previous = sys.getprofile()
+    sys.setprofile(profiler)
+    try:
+        result = run()
+    finally:
+        sys.setprofile(previous)
+    return result, sorted(taken)
+
+
+def refuse_shortcuts(data: dict, shortcuts, what: str) -> None:
+    """Raise CheckFailed if the probe's data says the submission is, or called, one of the shortcuts."""
+    taken = data.get("shortcuts", []) if isinstance(data, dict) else []
+    for shortcut in shortcuts:
+        if shortcut.path in taken:
+            raise CheckFailed(f"{what} uses {shortcut.path}, which this lab refuses: {shortcut.why}")
+
+
+def refusing(shortcuts, check: Check) -> Check:
+    """The same check, whose probe also records the shortcuts taken and whose judge refuses them first."""
+    shortcuts = tuple(shortcuts)
+    probe, judge = check.probe, check.judge
+
+    def guarded_probe(obj) -> dict:
+        data, taken = shortcuts_taken(obj, shortcuts, lambda: probe(obj))
+        return {**data, "shortcuts": taken}
+
+    def guarded_judge(data: dict) -> None:
+        refuse_shortcuts(data, shortcuts, "the submission")
+        judge(data)
+
+    return Check(check.id, check.points, guarded_probe, guarded_judge, check.summary)

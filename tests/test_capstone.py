@@ -169,41 +169,57 @@ def test_every_capstone_check_is_registered_with_points():
     assert all(REGISTRY[cid].points > 0 for cid in ids)
 
 
+def _solution_objects() -> dict:
+    """LoRALinear and add_lora as the solution notebook defines them: the checks refuse the course's reference
+    (reglab.topics.capstone.lora, a shortcut), so the tests pass the lab's own answer through them and build
+    the mistakes on it."""
+    path = Path(__file__).resolve().parent.parent / "solutions" / "05_capstone_lab.ipynb"
+    cells = {c["id"]: "".join(c["source"]) for c in json.loads(path.read_text())["cells"]}
+    namespace = {"math": math, "torch": torch, "nn": nn, "F": F}
+    for cell_id in ("lora-linear", "add-lora"):
+        exec(compile(cells[cell_id], f"{path.name}:{cell_id}", "exec"), namespace)
+    return namespace
+
+
+SOLUTION = _solution_objects()
+SolutionLoRA, solution_add_lora = SOLUTION["LoRALinear"], SOLUTION["add_lora"]
+
+
 def test_reference_passes_every_check():
-    assert failures(LAYER_CHECKS, LoRALinear) == {}
-    assert failures(["capstone.add_lora"], add_lora) == {}
+    assert failures(LAYER_CHECKS, SolutionLoRA) == {}
+    assert failures(["capstone.add_lora"], solution_add_lora) == {}
     assert failures(STEP_CHECKS, capstone_checks.reference_finetune_step) == {}
 
 
 def test_probe_data_is_small_json():
-    for cid, obj in [*((c, LoRALinear) for c in LAYER_CHECKS), ("capstone.add_lora", add_lora),
+    for cid, obj in [*((c, SolutionLoRA) for c in LAYER_CHECKS), ("capstone.add_lora", solution_add_lora),
                      *((c, capstone_checks.reference_finetune_step) for c in STEP_CHECKS)]:
         assert len(json.dumps(get(cid).probe(obj))) < 1_000_000, cid
 
 
 # ---------------------------------------------------------------------------- classic mistakes of the layer
 
-class RandomB(LoRALinear):
+class RandomB(SolutionLoRA):
     def __init__(self, base, r=8, alpha=16.0, lora_dropout=0.0):
         super().__init__(base, r, alpha, lora_dropout)
         nn.init.normal_(self.lora_B, std=0.02)
 
 
-class BothZero(LoRALinear):
+class BothZero(SolutionLoRA):
     def __init__(self, base, r=8, alpha=16.0, lora_dropout=0.0):
         super().__init__(base, r, alpha, lora_dropout)
         nn.init.zeros_(self.lora_A)
 
 
 def with_scale(rule):
-    class Scaled(LoRALinear):
+    class Scaled(SolutionLoRA):
         def __init__(self, base, r=8, alpha=16.0, lora_dropout=0.0):
             super().__init__(base, r, alpha, lora_dropout)
             self.scaling = rule(alpha, r)
     return Scaled
 
 
-class MergeWithoutScale(LoRALinear):
+class MergeWithoutScale(SolutionLoRA):
     @torch.no_grad()
     def merge(self):
         merged = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
@@ -213,37 +229,37 @@ class MergeWithoutScale(LoRALinear):
         return merged
 
 
-class MergeInPlace(LoRALinear):
+class MergeInPlace(SolutionLoRA):
     @torch.no_grad()
     def merge(self):
-        self.base.weight += self.delta_weight()
+        self.base.weight += self.scaling * self.lora_B @ self.lora_A
         return self.base
 
 
-class DropoutOnOutput(LoRALinear):
+class DropoutOnOutput(SolutionLoRA):
     def forward(self, x):
         return self.base(x) + self.scaling * self.lora_dropout(F.linear(F.linear(x, self.lora_A), self.lora_B))
 
 
-class DropoutOnBaseToo(LoRALinear):
+class DropoutOnBaseToo(SolutionLoRA):
     def forward(self, x):
         x = self.lora_dropout(x)
         return self.base(x) + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
 
 
-class DropoutAlsoInEval(LoRALinear):
+class DropoutAlsoInEval(SolutionLoRA):
     def forward(self, x):
         dropped = F.dropout(x, self.lora_dropout.p, training=True)
         return self.base(x) + self.scaling * F.linear(F.linear(dropped, self.lora_A), self.lora_B)
 
 
-class KeepProbability(LoRALinear):
+class KeepProbability(SolutionLoRA):
     def __init__(self, base, r=8, alpha=16.0, lora_dropout=0.0):
         super().__init__(base, r, alpha, lora_dropout)
         self.lora_dropout = nn.Dropout(1 - lora_dropout) if lora_dropout > 0 else nn.Identity()
 
 
-class NoRescale(LoRALinear):
+class NoRescale(SolutionLoRA):
     def forward(self, x):
         if self.training and self.lora_dropout.p > 0:
             x_adapter = x * (torch.rand_like(x) >= self.lora_dropout.p)
@@ -252,7 +268,7 @@ class NoRescale(LoRALinear):
         return self.base(x) + self.scaling * F.linear(F.linear(x_adapter, self.lora_A), self.lora_B)
 
 
-class BaseNotFrozen(LoRALinear):
+class BaseNotFrozen(SolutionLoRA):
     def __init__(self, base, r=8, alpha=16.0, lora_dropout=0.0):
         super().__init__(base, r, alpha, lora_dropout)
         self.base.requires_grad_(True)
@@ -290,20 +306,23 @@ def test_each_layer_mistake_fails_exactly_its_checks_with_a_named_message(mistak
 # ---------------------------------------------------------------------------- classic mistakes of add_lora
 
 def add_lora_without_freezing(model, r=8, alpha=16.0, lora_dropout=0.0):
-    add_lora(model, r, alpha, lora_dropout)
+    solution_add_lora(model, r, alpha, lora_dropout)
     for p in model.parameters():
         p.requires_grad_(True)
     return model
 
 
 def add_lora_qkv_only(model, r=8, alpha=16.0, lora_dropout=0.0):
-    return add_lora(model, r, alpha, lora_dropout, targets=("qkv",))
+    solution_add_lora(model, r, alpha, lora_dropout)
+    for block in model.blocks:
+        block.attn.proj = block.attn.proj.base
+    return model
 
 
 def add_lora_everywhere(model, r=8, alpha=16.0, lora_dropout=0.0):
-    add_lora(model, r, alpha, lora_dropout)
+    solution_add_lora(model, r, alpha, lora_dropout)
     for block in model.blocks:
-        block.mlp.up = LoRALinear(block.mlp.up, r, alpha, lora_dropout)
+        block.mlp.up = SolutionLoRA(block.mlp.up, r, alpha, lora_dropout)
     return model
 
 

@@ -19,6 +19,21 @@ CHECK_IDS = sorted(k for k in REGISTRY if k.startswith("clipping."))
 # Classic mistakes, each a complete function with the student's signature
 # ------------------------------------------------------------------------------------------------
 
+def _solution_clip_grad_norm():
+    """The solution notebook's clip_grad_norm: the checks refuse the lecture's copy (a shortcut), so the
+    tests pass the lab's own answer through them, and build the mistakes on it."""
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "solutions" / "04_clipping_lab.ipynb"
+    cells = {c["id"]: "".join(c["source"]) for c in json.loads(path.read_text())["cells"]}
+    namespace = {"torch": torch, "math": math}
+    exec(compile(cells["clip-grad-norm"], f"{path.name}:clip-grad-norm", "exec"), namespace)
+    return namespace["clip_grad_norm"]
+
+
+solution_clip_grad_norm = _solution_clip_grad_norm()
+
+
 def _grads(parameters):
     return [p for p in parameters if p.grad is not None]
 
@@ -42,7 +57,7 @@ def per_tensor(parameters, max_norm, eps=1e-6, error_if_nonfinite=False):
 @torch.no_grad()
 def returns_post_clip(parameters, max_norm, eps=1e-6, error_if_nonfinite=False):
     params = list(parameters)
-    clipping.clip_grad_norm(params, max_norm, eps, error_if_nonfinite)
+    solution_clip_grad_norm(params, max_norm, eps, error_if_nonfinite)
     return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in _grads(params)]))
 
 
@@ -84,7 +99,7 @@ def crashes_on_missing_grad(parameters, max_norm, eps=1e-6, error_if_nonfinite=F
 
 @torch.no_grad()
 def ignores_error_flag(parameters, max_norm, eps=1e-6, error_if_nonfinite=False):
-    return clipping.clip_grad_norm(parameters, max_norm, eps, error_if_nonfinite=False)
+    return solution_clip_grad_norm(parameters, max_norm, eps, error_if_nonfinite=False)
 
 
 @torch.no_grad()
@@ -145,13 +160,17 @@ MISTAKES = {
 }
 
 
-def _verdicts(fn) -> dict[str, str | None]:
-    """{check id: None if it passed, else the failure message}, judged from probed data as the grader does."""
+def _verdicts(fn, ignore_shortcuts: bool = False) -> dict[str, str | None]:
+    """{check id: None if it passed, else the failure message}, judged from probed data as the grader does
+    (ignore_shortcuts: drop the probe's record of refused shortcuts, to test the judge's numbers alone)."""
     out = {}
     for check_id in CHECK_IDS:
         spec = get(check_id)
         try:
-            spec.judge(spec.probe(fn))
+            data = spec.probe(fn)
+            if ignore_shortcuts:
+                data.pop("shortcuts")
+            spec.judge(data)
             out[check_id] = None
         except CheckFailed as err:
             out[check_id] = str(err)
@@ -166,18 +185,20 @@ def test_the_lab_has_its_checks():
 
 @pytest.mark.parametrize("check_id", CHECK_IDS)
 def test_reference_passes_every_check(check_id, capsys):
-    check(check_id, clipping.clip_grad_norm)
+    check(check_id, solution_clip_grad_norm)
     assert f"passed {check_id}" in capsys.readouterr().out
 
 
-def test_torch_itself_passes_every_check():
+def test_torch_itself_agrees_with_every_judge_but_is_refused():
     def torch_clip(parameters, max_norm, eps=1e-6, error_if_nonfinite=False):
         params = list(parameters)
         if eps != 1e-6:   # torch's eps is fixed; rescale c so that c' / (n + 1e-6) = c / (n + eps)
             norm = float(torch.nn.utils.clip_grad_norm_(params, math.inf))
             max_norm = max_norm * (norm + 1e-6) / (norm + eps)
         return torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=error_if_nonfinite)
-    assert _verdicts(torch_clip) == {k: None for k in CHECK_IDS}
+    assert _verdicts(torch_clip, ignore_shortcuts=True) == {k: None for k in CHECK_IDS}
+    assert all("torch.nn.utils.clip_grad_norm_, which this lab refuses" in message
+               for message in _verdicts(torch_clip).values())
 
 
 @pytest.mark.parametrize("mistake", list(MISTAKES), ids=lambda f: f.__name__)
@@ -200,13 +221,13 @@ def test_an_unfinished_stub_is_reported_as_not_implemented():
 def test_probe_data_is_json():
     import json
     for check_id in CHECK_IDS:
-        text = json.dumps(get(check_id).probe(clipping.clip_grad_norm), allow_nan=False)
+        text = json.dumps(get(check_id).probe(solution_clip_grad_norm), allow_nan=False)
         assert len(text) < 1_000_000
 
 
 def test_judge_refuses_forged_data():
     spec = get("clipping.scaling")
-    data = spec.probe(clipping.clip_grad_norm)
+    data = spec.probe(solution_clip_grad_norm)
     data["above"]["grads"][0][0] = 123.0
     with pytest.raises(CheckFailed):
         spec.judge(data)

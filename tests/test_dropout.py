@@ -47,13 +47,16 @@ def solution_namespace() -> dict:
 REF = solution_namespace()
 
 
-def verdicts(obj, check_ids) -> dict[str, str | None]:
+def verdicts(obj, check_ids, ignore_shortcuts: bool = False) -> dict[str, str | None]:
     """{check id: None if it passes, else the CheckFailed message}, probing and judging as the grader does
-    (the probe's data goes through JSON, as it does between the student's kernel and the judge)."""
+    (the probe's data goes through JSON, as it does between the student's kernel and the judge;
+    ignore_shortcuts drops the probe's record of refused shortcuts, to test the judge's numbers alone)."""
     out = {}
     for check_id in check_ids:
         spec = get(check_id)
         data = json.loads(json.dumps(spec.probe(obj)))
+        if ignore_shortcuts:
+            data.pop("shortcuts", None)
         try:
             spec.judge(data)
             out[check_id] = None
@@ -82,9 +85,10 @@ def test_solution_passes_every_dropout_and_block_check():
     assert_fails_exactly(REF["DropoutBlock"], BLOCK_CHECKS, {})
 
 
-def test_torch_nn_dropout_passes_every_dropout_check():
-    # PyTorch's own module is the answer key: a judge that failed it would be wrong
-    assert_fails_exactly(nn.Dropout, DROPOUT_CHECKS, {})
+def test_torch_nn_dropout_agrees_with_every_judge_but_is_refused():
+    # PyTorch's own module is the answer key: a judge that failed it would be wrong; as a submission it is refused
+    assert verdicts(nn.Dropout, DROPOUT_CHECKS, ignore_shortcuts=True) == {k: None for k in DROPOUT_CHECKS}
+    assert_fails_exactly(nn.Dropout, DROPOUT_CHECKS, {k: "torch.nn.Dropout, which this lab refuses" for k in DROPOUT_CHECKS})
 
 
 def test_probe_data_is_small_json():
@@ -171,8 +175,8 @@ def test_inference_rescaling_in_training_is_named():
 
 
 def test_dropout_active_in_eval_mode_is_named():
-    variant = dropout_variant(lambda self, x: F.dropout(x, self.p, training=True),
-                              eval_forward=lambda self, x: F.dropout(x, self.p, training=True))
+    variant = dropout_variant(lambda self, x: x * keep_mask(x, self.p) / (1 - self.p),
+                              eval_forward=lambda self, x: x * keep_mask(x, self.p) / (1 - self.p))
     assert_fails_exactly(variant, DROPOUT_CHECKS, {"dropout.eval_identity": "active in eval mode"})
 
 

@@ -18,25 +18,42 @@ from reglab.topics.label_smoothing.lecture import (
 CHECK_IDS = sorted(k for k in REGISTRY if k.startswith("label_smoothing."))
 
 
-def run_split(check_id, fn):
-    """As the grader does: probe in one place, JSON across, judge from the data alone."""
+def run_split(check_id, fn, ignore_shortcuts: bool = False):
+    """As the grader does: probe in one place, JSON across, judge from the data alone (ignore_shortcuts:
+    drop the probe's record of refused shortcuts, to test the judge's numbers alone)."""
     spec = REGISTRY[check_id]
     data = json.loads(json.dumps(spec.probe(fn)))
+    if ignore_shortcuts:
+        data.pop("shortcuts")
     spec.judge(data)
 
 
-def failing(fn) -> dict[str, str]:
+def failing(fn, ignore_shortcuts: bool = False) -> dict[str, str]:
     """{check id: failure message} for every check fn fails."""
     failures = {}
     for check_id in CHECK_IDS:
         try:
-            run_split(check_id, fn)
+            run_split(check_id, fn, ignore_shortcuts)
         except CheckFailed as err:
             failures[check_id] = str(err)
     return failures
 
 
 # --------------------------------------------------------------------------------------------------
+def _solution_loss():
+    """The solution notebook's loss: the checks refuse the lecture's reference (a shortcut), so the tests pass
+    the lab's own answer through them, and build the mistakes on it."""
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "solutions" / "03_label_smoothing_lab.ipynb"
+    cells = {c["id"]: "".join(c["source"]) for c in json.loads(path.read_text())["cells"]}
+    namespace = {"torch": torch, "F": F}
+    exec(compile(cells["student-loss"], f"{path.name}:student-loss", "exec"), namespace)
+    return namespace["label_smoothed_cross_entropy"]
+
+
+solution_loss = _solution_loss()
+
+
 # Student-style implementations: one classic mistake each, correct in every other respect
 # --------------------------------------------------------------------------------------------------
 
@@ -69,12 +86,13 @@ def smoothed_twice(logits, target, alpha, ignore_index=-100, reduction="mean"):
     keep = target != ignore_index
     safe = torch.where(keep, target, torch.zeros_like(target))
     soft = (1 - alpha) * F.one_hot(safe, V).movedim(-1, 1).to(logits.dtype) + alpha / V
-    per = F.cross_entropy(logits, soft, label_smoothing=alpha, reduction="none")
+    soft = (1 - alpha) * soft + alpha / V                         # the smoothed target smoothed again
+    per = -(soft * F.log_softmax(logits, dim=1)).sum(1)
     return _reduce(torch.where(keep, per, torch.zeros_like(per)), keep, reduction)
 
 
 def wrong_sign(logits, target, alpha, ignore_index=-100, reduction="mean"):
-    return -label_smoothed_cross_entropy(logits, target, alpha, ignore_index, reduction)
+    return -solution_loss(logits, target, alpha, ignore_index, reduction)
 
 
 def logits_as_log_probs(logits, target, alpha, ignore_index=-100, reduction="mean"):
@@ -95,7 +113,7 @@ def ignores_alpha(logits, target, alpha, ignore_index=-100, reduction="mean"):
 
 
 def ignored_in_denominator(logits, target, alpha, ignore_index=-100, reduction="mean"):
-    loss = label_smoothed_cross_entropy(logits, target, alpha, ignore_index, reduction="none")
+    loss = solution_loss(logits, target, alpha, ignore_index, reduction="none")
     return loss.mean() if reduction == "mean" else _reduce(loss, None, reduction)
 
 
@@ -114,7 +132,7 @@ def gather_without_mask(logits, target, alpha, ignore_index=-100, reduction="mea
 
 
 def hardcoded_minus_100(logits, target, alpha, ignore_index=-100, reduction="mean"):
-    return label_smoothed_cross_entropy(logits, target, alpha, ignore_index=-100, reduction=reduction)
+    return solution_loss(logits, target, alpha, ignore_index=-100, reduction=reduction)
 
 
 def class_dim_last(logits, target, alpha, ignore_index=-100, reduction="mean"):
@@ -136,16 +154,16 @@ def log_of_softmax(logits, target, alpha, ignore_index=-100, reduction="mean"):
 
 
 def detached(logits, target, alpha, ignore_index=-100, reduction="mean"):
-    return label_smoothed_cross_entropy(logits.detach(), target, alpha, ignore_index, reduction)
+    return solution_loss(logits.detach(), target, alpha, ignore_index, reduction)
 
 
 def mean_for_sum(logits, target, alpha, ignore_index=-100, reduction="mean"):
-    return label_smoothed_cross_entropy(logits, target, alpha, ignore_index,
+    return solution_loss(logits, target, alpha, ignore_index,
                                         reduction="mean" if reduction == "sum" else reduction)
 
 
 def none_returns_mean(logits, target, alpha, ignore_index=-100, reduction="mean"):
-    return label_smoothed_cross_entropy(logits, target, alpha, ignore_index,
+    return solution_loss(logits, target, alpha, ignore_index,
                                         reduction="mean" if reduction == "none" else reduction)
 
 
@@ -183,15 +201,17 @@ MISTAKES = {
 
 def test_reference_passes_every_check(capsys):
     for check_id in CHECK_IDS:
-        check(check_id, label_smoothed_cross_entropy)
-        run_split(check_id, label_smoothed_cross_entropy)
+        check(check_id, solution_loss)
+        run_split(check_id, solution_loss)
     assert capsys.readouterr().out.count("passed") == len(CHECK_IDS)
 
 
-def test_torch_itself_passes_every_check():
+def test_torch_itself_agrees_with_every_judge_but_is_refused():
     def torch_version(logits, target, alpha, ignore_index=-100, reduction="mean"):
         return F.cross_entropy(logits, target, label_smoothing=alpha, ignore_index=ignore_index, reduction=reduction)
-    assert failing(torch_version) == {}
+    assert failing(torch_version, ignore_shortcuts=True) == {}
+    assert all("F.cross_entropy(label_smoothing=...)" in message for message in failing(torch_version).values())
+    assert set(failing(torch_version)) == set(CHECK_IDS)
 
 
 @pytest.mark.parametrize("mistake", list(MISTAKES), ids=lambda f: f.__name__)
@@ -215,7 +235,7 @@ def test_judge_refuses_truncated_data():
 
 def test_judge_rebuilds_its_inputs_and_ignores_forged_ones():
     """The data carries outputs only; a forged answer for other inputs cannot pass."""
-    data = REGISTRY["label_smoothing.reductions"].probe(label_smoothed_cross_entropy)
+    data = REGISTRY["label_smoothing.reductions"].probe(solution_loss)
     data["outputs"][1]["value"] = [data["outputs"][1]["value"][0] + 1e-3]
     with pytest.raises(CheckFailed):
         REGISTRY["label_smoothing.reductions"].judge(data)

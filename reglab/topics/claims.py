@@ -8,7 +8,9 @@ questions); `source_says` is what the paper, code or documentation says; `verdic
 - "unsupported": the source (or every source the entry names) is silent on it.
 `basis` says whether the entry rests on a published source or on a measurement the course makes
 itself (then the number is the reader's device's, and the verdict is the direction the course finds).
-`where` names a course notebook by its number ("01" is notebooks/01_*.ipynb) and a section.
+`where` names a course notebook by its number ("01" is notebooks/01_*.ipynb) and a section; `cells`
+names the notebook cells (by id) that state the claim's verdict, each with the marker
+"[claim <id>: <verdict>]" in its text, which tests/test_corrections.py compares with this ledger.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class Claim:
     source: str        # paper / code / docs, with section
     where: str         # "NN: section" in the course's notebooks
     basis: str = "published"
+    cells: tuple[str, ...] = ()   # "notebooks/01_dropout.ipynb#pretraining": cells carrying the verdict marker
 
     def __post_init__(self):
         if self.verdict not in VERDICTS:
@@ -48,11 +51,12 @@ CLAIMS: list[Claim] = [
     Claim("dropout-wasted-compute", "dropout",
           "Dropout wastes a fraction p of the compute, because the dropped units are not computed.",
           "Every unit is computed and then multiplied by a random mask (inverted dropout scales the kept "
-          "ones by 1/(1-p)); drawing and applying the mask is extra work, so a step with dropout is "
-          "slower, not cheaper. What dropout really costs is slower convergence per step.",
-          "wrong", "PyTorch torch.nn.functional.dropout (masks after the computation); the course's step-time "
-          "measurement", "01: What it costs, measured; 05 lab: Pretraining in one pass",
-          basis="measured by the course"),
+          "ones by 1/(1-p)): the course checks that the same matrix multiplies are done and asserts that the "
+          "masks add memory; drawing and applying them is extra work, and the step time is measured and "
+          "printed with its verdict, not asserted. What dropout really costs is slower convergence per step.",
+          "wrong", "PyTorch torch.nn.functional.dropout (masks after the computation); the course's FLOP, "
+          "memory and step-time measurements", "01: What it costs, measured; 05 lab: Pretraining in one pass",
+          basis="measured by the course", cells=("notebooks/01_dropout.ipynb#cost-time",)),
     Claim("dropout-p-convention", "dropout",
           "The dropout rate p is the probability of keeping a unit.",
           "In PyTorch p is the probability of zeroing an element. Srivastava et al. use p for the "
@@ -70,7 +74,8 @@ CLAIMS: list[Claim] = [
           "GPT-1 used dropout 0.1.",
           "Residual, embedding and attention dropout with rate 0.1 (and 0.1 on the classifier when "
           "fine-tuning).",
-          "correct", "Radford et al. 2018 (GPT-1), §4.1", "01: Why large-scale pretraining uses none"),
+          "correct", "Radford et al. 2018 (GPT-1), §4.1 (which also gives 100 epochs of pretraining)",
+          "01: Why large-scale pretraining uses none", cells=("notebooks/01_dropout.ipynb#pretraining",)),
     Claim("gpt2-dropout", "dropout",
           "GPT-2 was trained with dropout 0.1.",
           "The GPT-2 paper states no dropout value. 0.1 is the default of common library configurations "
@@ -85,20 +90,38 @@ CLAIMS: list[Claim] = [
           "01: Why large-scale pretraining uses none"),
     Claim("palm-dropout", "dropout",
           "PaLM was pretrained without dropout and fine-tuned with dropout 0.1.",
-          "The model was trained without dropout; dropout 0.1 is used for fine-tuning in most cases.",
+          "The model was trained without dropout; dropout 0.1 is used for fine-tuning in most cases (PaLM "
+          "names no site: the course's fine-tuning recipe puts it on the residual branches by its own choice).",
           "correct", "Chowdhery et al. 2022 (PaLM), §5 (Training setup)",
           "01: Why large-scale pretraining uses none; 05: The two recipes"),
     Claim("llama-dropout", "dropout",
           "Llama 2 and Llama 3 use dropout 0.1 (or: state that they use none).",
-          "Neither paper mentions dropout: the pretraining details give AdamW, the schedule, weight decay "
-          "0.1 and clipping 1.0, and nothing about dropout either way.",
+          "Neither paper mentions dropout. Llama 2's pretraining details give AdamW, the schedule, weight "
+          "decay 0.1 and clipping 1.0; Llama 3's state neither of those two, and its one regularizer-like "
+          "step is averaging checkpoints during the final annealing of the learning rate (§3.4).",
           "unsupported", "Touvron et al. 2023 (Llama 2), §2.2; Llama 3 team 2024 (The Llama 3 Herd of "
-          "Models), §3", "01: Why large-scale pretraining uses none"),
+          "Models), §3.4", "01: Why large-scale pretraining uses none",
+          cells=("notebooks/01_dropout.ipynb#pretraining",)),
     Claim("nanogpt-dropout", "dropout",
           "nanoGPT pretrains with dropout 0 and suggests 0.1 or more for fine-tuning.",
           "train.py sets dropout = 0.0 with the comment that 0 is good for pretraining and 0.1+ worth "
           "trying for fine-tuning; weight_decay = 0.1 and grad_clip = 1.0 in the same file.",
           "correct", "karpathy/nanoGPT, train.py (default config)", "05: The two recipes"),
+    Claim("dropout-typical-values", "dropout",
+          "Typical values: p = 0.5 for fully connected layers, 0.1-0.2 for convolutional layers, 0.1 for "
+          "transformers.",
+          "Partly sourced: AlexNet used 0.5 in its first two fully connected layers and the original "
+          "Transformer 0.1 on residual branches and embeddings. No source cited here states 0.1-0.2 for "
+          "convolutional layers (folklore), and large-scale transformer pretraining today uses none.",
+          "unsupported", "Krizhevsky et al. 2012 (AlexNet), §4.2; Vaswani et al. 2017, §5.4",
+          "01: Why large-scale pretraining uses none", cells=("notebooks/01_dropout.ipynb#pretraining",)),
+    Claim("dropout-small-datasets", "dropout",
+          "Don't use dropout on small datasets, where the model needs its full capacity.",
+          "The opposite of the regime the course measures: on a small dataset seen for many epochs dropout "
+          "closes the train-validation gap; in a single pass over a large corpus it only costs.",
+          "wrong", "the course's dropout lab (small data, many epochs vs. a single pass)",
+          "01: Why large-scale pretraining uses none; 01 lab", basis="measured by the course",
+          cells=("notebooks/01_dropout.ipynb#pretraining",)),
     # ------------------------------------------------------------------ weight decay
     Claim("l2-equals-weight-decay", "weight decay",
           "L2 regularization and weight decay are the same thing.",
@@ -141,10 +164,11 @@ CLAIMS: list[Claim] = [
     Claim("bert-l2-in-adam", "weight decay",
           "BERT used L2 regularization 0.01 added to the loss inside Adam.",
           "The paper writes 'L2 weight decay of 0.01'; the released optimizer (AdamWeightDecayOptimizer) "
-          "adds the decay to the update outside Adam's moments, i.e. decoupled, and exempts LayerNorm "
-          "and bias parameters.",
-          "wrong", "Devlin et al. 2019 (BERT), App. A.2; google-research/bert optimization.py",
-          "02: Published settings; 05: The two recipes"),
+          "adds the decay to the update outside Adam's moments, i.e. decoupled, exempts LayerNorm "
+          "and bias parameters, and clips gradients at global norm 1.0.",
+          "wrong", "Devlin et al. 2019 (BERT), App. A.2; google-research/bert optimization.py "
+          "(AdamWeightDecayOptimizer)", "02: Published settings; 03: Where it is used; 05: The two recipes",
+          cells=("notebooks/03_label_smoothing.ipynb#where-used",)),
     Claim("finetuning-lowers-wd", "weight decay",
           "Fine-tuning recipes always lower the weight decay.",
           "Llama 2-Chat's supervised fine-tuning kept weight decay 0.1 but at lr 2e-5 (pretraining peak "
@@ -166,10 +190,11 @@ CLAIMS: list[Claim] = [
           "03: Where it is used"),
     Claim("llm-label-smoothing", "label smoothing",
           "Large language models (GPT-3, Llama, PaLM) are pretrained with label smoothing.",
-          "None of the three papers reports label smoothing. PaLM adds a different auxiliary loss, "
-          "z-loss (1e-4 * log^2 Z), to keep the softmax normalizer near 1.",
-          "unsupported", "Brown et al. 2020, App. B; Touvron et al. 2023, §2.2; Chowdhery et al. 2022, §5",
-          "03: Where it is used"),
+          "GPT-3 and Llama report no label smoothing; PaLM states that the loss is computed without label "
+          "smoothing, and adds a different auxiliary loss, z-loss (1e-4 * log^2 Z), to keep the softmax "
+          "normalizer near 1.",
+          "wrong", "Brown et al. 2020, App. B; Touvron et al. 2023, §2.2; Chowdhery et al. 2022, §5",
+          "03: Where it is used", cells=("notebooks/03_label_smoothing.ipynb#where-used",)),
     Claim("inception-label-smoothing", "label smoothing",
           "Label smoothing was introduced with Inception-v3 at epsilon = 0.1 on ImageNet.",
           "Szegedy et al. propose it as label-smoothing regularization, mixing the one-hot target with a "
@@ -186,9 +211,10 @@ CLAIMS: list[Claim] = [
           "Label smoothing improves calibration (a Transformer on EN-DE: ECE 0.056 -> 0.019) but hurts "
           "knowledge distillation.",
           "Label smoothing improves calibration, including for a Transformer on English-German "
-          "translation, and a teacher trained with it distils worse, because it erases information about "
+          "translation (Table 3: ECE 0.056 -> 0.019, about what temperature scaling gives on the same model, "
+          "0.018), and a teacher trained with it distils worse, because it erases information about "
           "similarities between classes from the logits.",
-          "correct", "Müller, Kornblith & Hinton 2019, abstract, §3 (calibration) and §4 (distillation)",
+          "correct", "Müller, Kornblith & Hinton 2019, abstract, §3 and Table 3 (calibration), §4 (distillation)",
           "03: Confidence and calibration"),
     # ------------------------------------------------------------------ gradient clipping
     Claim("gpt3-clip", "gradient clipping",
@@ -241,8 +267,11 @@ CLAIMS: list[Claim] = [
     Claim("lora-init-and-scale", "fine-tuning",
           "LoRA starts B at zero and A at random, and scales the update by alpha / r.",
           "A random Gaussian, B zero, so BA = 0 at the start; the update BAx is scaled by alpha/r, and "
-          "alpha is set once and not tuned (with Adam, tuning alpha is roughly tuning the learning rate).",
-          "correct", "Hu et al. 2021 (LoRA), §4.1", "05: LoRA"),
+          "alpha is set once and not tuned (with Adam, tuning alpha is roughly tuning the learning rate); "
+          "the scaling reduces retuning when r changes, it does not make the update's size independent of "
+          "r: rsLoRA shows alpha/r slows learning at large r and alpha/sqrt(r) is stable (PEFT: use_rslora).",
+          "correct", "Hu et al. 2021 (LoRA), §4.1; Kalajdzievski 2023 (rsLoRA); Hugging Face PEFT LoraConfig",
+          "05: LoRA", cells=("notebooks/05_capstone.ipynb#lora",)),
     Claim("lora-no-latency", "fine-tuning",
           "A LoRA model is slower at inference than the base model.",
           "W + BA can be computed and stored once, after which inference runs a plain linear layer with "

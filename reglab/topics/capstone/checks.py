@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reglab.checks import Check, CheckFailed, add
+from reglab.checks import REGISTRY, Check, CheckFailed, Shortcut, add, refusing
 
 ATOL = 1e-5      # float32 outputs of magnitude ~1 against a float64 recomputation
 
@@ -550,3 +550,16 @@ add(Check("capstone.merge_no_bias", 1, probe_merge_no_bias, judge_merge,
           "merge() works for a base layer without bias"))
 add(Check("capstone.step_no_clip", 1, probe_step_no_clip, judge_finetune_step,
           "finetune_step with grad_clip=None and no label smoothing"))
+
+
+# ---------------------------------------------------------------------------- shortcuts
+# The LoRA layer and add_lora are the exercise, so the course's reference (reglab.topics.capstone.lora) is
+# refused there. finetune_step assembles course pieces, so it may call clip_grad_norm_ and F.cross_entropy.
+WRITE_IT = "the exercise is to write the adapter yourself"
+SHORTCUTS = (
+    Shortcut("reglab.topics.capstone.lora.add_lora", f"it is the course's own reference; {WRITE_IT}"),
+    Shortcut("reglab.topics.capstone.lora.LoRALinear", f"it is the course's own reference; {WRITE_IT}"),
+    Shortcut("reglab.topics.capstone.lora.merge_lora", f"it is the course's own reference; {WRITE_IT}"),
+)
+for _id in ("zero_init", "scale", "merge", "lora_dropout", "adapter_grads", "add_lora", "merge_no_bias"):
+    add(refusing(SHORTCUTS, REGISTRY[f"capstone.{_id}"]))

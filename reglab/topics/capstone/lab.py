@@ -433,3 +433,23 @@ def show_finetune_run(runs: dict[str, list[Run]], label: str, orig_before: float
     final = runs[label][0].history.final
     print(f"{label}: best val loss {best:.3f} at step {best_step}, final {final['val_loss']:.3f}; "
           f"original corpus {orig_before:.3f} -> {final['orig_loss']:.3f}")
+
+
+# ------------------------------------------------------------------ the regimes table of notebook 05
+CHINCHILLA_TOKENS_PER_PARAMETER = 20      # Hoffmann et al. 2022: compute-optimal at about 20 tokens per parameter
+
+
+def check_regimes(rows) -> dict[str, float]:
+    """Parameters per training token of each (name, params, tokens, epochs) row, with the table's claims
+    asserted: every published pretraining run has fewer parameters than tokens (< 1: one pass cannot
+    memorize), Chinchilla sits at 1/20 within the rounding of its published figures (70B and 1.4T are given
+    to 2 significant digits: +-5% each, so 10% on the ratio), and full fine-tuning of the 7B scenario at over
+    1000 parameters per token (many epochs, memorization within reach). Returns the ratios by name."""
+    ratios = {name: params / tokens for name, params, tokens, _epochs in rows}
+    for name in PUBLISHED_REGIMES:
+        assert ratios[name] < 1, f"{name}: {ratios[name]:.3g} parameters per token is not a one-pass regime"
+    chinchilla = ratios["Chinchilla 70B"] * CHINCHILLA_TOKENS_PER_PARAMETER
+    assert abs(chinchilla - 1) <= 0.10, f"Chinchilla at {ratios['Chinchilla 70B']:.3g} parameters per token, not 1/20"
+    full = ratios["7B, full fine-tuning"]
+    assert full > 1000, f"full fine-tuning at {full:.3g} parameters per token, not over 1000"
+    return ratios

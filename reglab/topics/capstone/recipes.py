@@ -75,7 +75,7 @@ PRETRAINING = Recipe(
     weight_decay=0.1,        # GPT-3 (Brown et al. 2020, App. B), Llama 2 (Touvron et al. 2023, §2.2)
     betas=(0.9, 0.95),       # the same two sources
     grad_clip=1.0,           # the same two sources
-    label_smoothing_lm=0.0,  # none reported by GPT-3, Llama 2 or PaLM
+    label_smoothing_lm=0.0,  # none reported by GPT-3 or Llama 2; PaLM: "without label smoothing" (§5)
     label_smoothing_classification=0.0,
     warmup_fraction=0.05,    # GPT-3 warms up over 375M tokens, Llama 2 over 2000 steps; 5% suits short runs
     min_lr_ratio=0.1,        # cosine to 10% of the peak: GPT-3 (App. B), Llama 2 (§2.2)
@@ -87,7 +87,8 @@ PRETRAINING = Recipe(
         "weight_decay": "AdamW lambda 0.1: GPT-3 (Brown et al. 2020, App. B); Llama 2 (Touvron et al. 2023, §2.2)",
         "betas": "(0.9, 0.95): GPT-3 (App. B); Llama 2 (§2.2)",
         "grad_clip": "global norm 1.0: GPT-3 (App. B); Llama 2 (§2.2)",
-        "label_smoothing_lm": "none reported: GPT-3 (App. B), Llama 2 (§2.2), PaLM (§5)",
+        "label_smoothing_lm": "none: GPT-3 (App. B) and Llama 2 (§2.2) report none; PaLM computes the loss "
+                              "\"without label smoothing\" (Chowdhery et al. 2022, §5)",
         "warmup_fraction": "linear warmup: GPT-3 375M tokens (App. B), Llama 2 2000 steps (§2.2); "
                            "the 5% fraction is the course's choice for short runs",
         "min_lr_ratio": "cosine decay to 10% of the peak: GPT-3 (App. B); Llama 2 (§2.2)",
@@ -116,7 +117,8 @@ FINETUNING = Recipe(
     # LoRA at about the pretraining lr: QLoRA 2e-4 on LLaMA 7B (pretrained at 3e-4), LoRA 2e-4 on GPT-2 M.
     lora_lr_ratio=1.0,
     sources={
-        "resid_dropout": "0.1: PaLM fine-tuning (Chowdhery et al. 2022, §5); GPT-1 (Radford et al. 2018, §4.1); "
+        "resid_dropout": "0.1: PaLM's fine-tuning dropout (Chowdhery et al. 2022, §5, which names no site: putting "
+                         "it on the residual branches is the course's choice); GPT-1 (Radford et al. 2018, §4.1); "
                          "BERT (Devlin et al. 2019, App. A.2)",
         "lora_dropout": "0.1: Hu et al. 2021 (App. D, GPT-2 on E2E); QLoRA 0.1 (7B, 13B) / 0.05 (33B, 65B) "
                         "(Dettmers et al. 2023, App. B); PEFT's default is 0.0",

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from reglab.checks import Check, CheckFailed, add
+from reglab.checks import REGISTRY, Check, CheckFailed, Shortcut, add, refusing
 
 EPS = 1e-6                   # torch's constant in clip_grad_norm_: scale = max_norm / (norm + 1e-6)
 RTOL, ATOL = 1e-4, 1e-7      # float32 sums in another order differ by ~1e-7 relative; 1e-4 leaves room
@@ -382,3 +382,19 @@ add(Check("clipping.nonfinite_error", 1, probe_nonfinite_error, judge_nonfinite_
           "error_if_nonfinite=True raises on an inf or nan norm and only then"))
 add(Check("clipping.nonfinite_scales", 1, probe_nonfinite_scales, judge_nonfinite_scales,
           "error_if_nonfinite=False scales by the non-finite norm like torch (finite gradients become 0)"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Shortcuts: PyTorch's clipping is the answer key, and the course's lecture function is its copy
+# --------------------------------------------------------------------------------------------------
+
+WRITE_IT = "the exercise is to compute the global norm and scale the gradients yourself"
+SHORTCUTS = (
+    Shortcut("torch.nn.utils.clip_grad_norm_", f"it is the checks' answer key; {WRITE_IT}"),
+    Shortcut("torch.nn.utils.clip_grads_with_norm_", f"it is half of the answer key (the scaling); {WRITE_IT}"),
+    Shortcut("torch.nn.utils.get_total_norm", f"it is half of the answer key (the global norm); {WRITE_IT}"),
+    Shortcut("reglab.topics.clipping.lecture.clip_grad_norm", f"it is the course's own reference; {WRITE_IT}"),
+)
+for _id in ("total_norm", "scaling", "direction", "skips_missing", "generator", "eps", "nonfinite_error",
+            "nonfinite_scales"):
+    add(refusing(SHORTCUTS, REGISTRY[f"clipping.{_id}"]))

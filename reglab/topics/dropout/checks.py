@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reglab.checks import Check, CheckFailed, add
+from reglab.checks import REGISTRY, Check, CheckFailed, Shortcut, add, refusing
 
 Z = 5.0   # standard errors: a two-sided normal tail of 5.7e-7 per comparison
 
@@ -699,3 +699,18 @@ def judge_block_all_sites(data: dict) -> None:
 
 add(Check("dropout.block_all_sites", 2, probe_block_all_sites, judge_block_all_sites,
           "with four different p at once, each site drops with its own p"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shortcuts: the Dropout checks refuse PyTorch's dropout (the answer key), in any of its spellings.
+# The block checks do not: their probe puts nn.Dropout in the block's slots itself.
+# ---------------------------------------------------------------------------------------------------
+
+WRITE_IT = "the exercise is to write inverted dropout yourself (a Bernoulli mask times x / (1 - p))"
+SHORTCUTS = (
+    Shortcut("torch.nn.Dropout", f"nn.Dropout is PyTorch's dropout, the checks' answer key; {WRITE_IT}"),
+    Shortcut("torch.nn.functional.dropout", f"F.dropout is PyTorch's dropout, the checks' answer key; {WRITE_IT}"),
+    Shortcut("torch.dropout", f"torch.dropout is PyTorch's dropout kernel, the checks' answer key; {WRITE_IT}"),
+)
+for _id in ("keep_fraction", "scaling", "eval_identity", "backward_mask", "moments", "fresh_masks", "any_shape"):
+    add(refusing(SHORTCUTS, REGISTRY[f"dropout.{_id}"]))

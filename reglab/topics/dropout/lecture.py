@@ -280,10 +280,87 @@ def dropout_cost(config: GPTConfig, p: float = 0.2, batch_size: int = 16, steps:
     programs, clock speed) falls on both alike; the median ignores the odd slow step.
     """
     p = _check_p(p)
-    off, on = [], []
+    off, on, round_ratios = [], [], []
     for round_ in range(rounds):
-        off += step_times(config.with_dropout(0.0), batch_size, steps, device=device, seed=round_)
-        on += step_times(config.with_dropout(p), batch_size, steps, device=device, seed=round_)
+        off_round = step_times(config.with_dropout(0.0), batch_size, steps, device=device, seed=round_)
+        on_round = step_times(config.with_dropout(p), batch_size, steps, device=device, seed=round_)
+        off, on = off + off_round, on + on_round
+        round_ratios.append(statistics.median(on_round) / statistics.median(off_round))
     step_off, step_on = statistics.median(off), statistics.median(on)
     return {"p": p, "step_s_off": step_off, "step_s_on": step_on, "ratio": step_on / step_off,
-            "steps_timed": len(off)}
+            "steps_timed": len(off), "round_ratios": round_ratios}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The checks of notebook 01 that must be able to fail (tests/test_corrections.py perturbs each claim)
+# ---------------------------------------------------------------------------------------------------
+
+def layernorm_direction_noise(p: float, n_features: int = 64, n_tokens: int = 4096, seed: int = 0) -> dict:
+    """What dropout before a LayerNorm changes between the modes: each token's normalized direction.
+
+    For x ~ N(0, 1)^d and y = m x / (1 - p), the cosine between LN(y) and LN(x) is, up to O(1/d) terms from
+    the centering, sqrt(sum_i m_i x_i^2 / sum_i x_i^2) -> sqrt(1 - p) (the 1/(1-p) scale cancels in the
+    norm). In eval mode dropout is the identity and the cosine is exactly 1. Per token,
+    Var[sum m x^2 / sum x^2] ~ 3 p (1 - p) / d (E[x^4] = 3), so Var[cosine] ~ 3 p / (4 d) (delta method).
+    Returns the mean train- and eval-mode cosines over n_tokens tokens, their standard error (measured),
+    and the derived value.
+    """
+    p = _check_p(p)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_tokens, n_features, generator=gen, dtype=torch.float64)              # (N, d)
+    keep = (torch.rand(n_tokens, n_features, generator=gen, dtype=torch.float64) >= p).to(x.dtype)
+    norm = nn.LayerNorm(n_features, elementwise_affine=False, dtype=torch.float64)
+    reference = norm(x)
+    train_cos = F.cosine_similarity(norm(keep * x / (1 - p)), reference, dim=-1)             # (N,)
+    eval_cos = F.cosine_similarity(norm(x), reference, dim=-1)
+    return {"p": p, "n_features": n_features, "n_tokens": n_tokens,
+            "train_cos": float(train_cos.mean()), "train_cos_se": float(train_cos.std() / n_tokens ** 0.5),
+            "eval_cos": float(eval_cos.mean()), "derived_train_cos": math.sqrt(1 - p)}
+
+
+def layernorm_check_tolerance(result: dict) -> float:
+    """5 standard errors (two-sided normal tail 5.7e-7) plus 1/d for the O(1/d) bias of the square root
+    (3p / (8 d (1-p)^1.5) <= 0.27/d for p <= 0.5) and of the centering (mean of d values: O(1/d))."""
+    return 5 * result["train_cos_se"] + 1 / result["n_features"]
+
+
+def check_layernorm_modes(result: dict) -> None:
+    """Assert what differs between the modes: in train mode the direction is off by the derived
+    sqrt(1 - p), in eval mode not at all; so the two differ by more than the tolerance."""
+    tol = layernorm_check_tolerance(result)
+    assert abs(result["eval_cos"] - 1) < 1e-9, f"eval-mode LayerNorm output moved: cosine {result['eval_cos']}"
+    assert abs(result["train_cos"] - result["derived_train_cos"]) <= tol, (
+        f"train-mode cosine {result['train_cos']:.4f} is not the derived sqrt(1 - p) = "
+        f"{result['derived_train_cos']:.4f} (tolerance {tol:.4f})")
+    assert result["eval_cos"] - result["train_cos"] > tol, (
+        f"train and eval mode give the same direction (cosines {result['train_cos']:.4f}, "
+        f"{result['eval_cos']:.4f}): at p = {result['p']} dropout adds no direction noise")
+
+
+def dropout_mask_bytes_lower_bound(config: GPTConfig, batch_size: int, seq_len: int) -> int:
+    """The fewest bytes the dropout masks of one training forward add to what autograd saves: one byte (a
+    bool, PyTorch's CUDA kernel; the CPU kernel keeps 4) per unit at the embedding, the two residual and
+    the FFN sites of every layer. The attention-weights mask is left out: the fused attention kernel
+    keeps it in its own form."""
+    tokens = batch_size * seq_len
+    hidden = int(config.mlp_ratio * config.n_embd)
+    return tokens * config.n_embd + config.n_layer * tokens * (2 * config.n_embd + hidden)
+
+
+def check_dropout_memory(bytes_plain: int, bytes_dropped: int, lower_bound: int) -> None:
+    """Assert the memory claim: dropout's masks add at least `lower_bound` bytes to the saved tensors."""
+    assert bytes_dropped - bytes_plain >= lower_bound, (
+        f"dropout added {bytes_dropped - bytes_plain} saved bytes, fewer than its masks' {lower_bound}")
+
+
+def timing_verdict(round_ratios) -> str:
+    """What the alternating rounds resolve about (step time with dropout) / (without): 'slower' if every
+    round's ratio is above 1, 'faster' if every one is below, otherwise 'not resolved'. With k rounds and no
+    real difference, all k land on one side with probability 2 * 2**-k (0.25 for 3 rounds): a printed
+    verdict, not an assert, since a loaded machine can reorder rounds."""
+    ratios = list(round_ratios)
+    if ratios and min(ratios) > 1:
+        return "slower"
+    if ratios and max(ratios) < 1:
+        return "faster"
+    return "not resolved"

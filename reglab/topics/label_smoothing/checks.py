@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from reglab.checks import Check, CheckFailed, add
+from reglab.checks import REGISTRY, Check, CheckFailed, Shortcut, add, refusing
 
 LAB = "label_smoothing"
 RTOL, ATOL = 1e-5, 1e-6       # float32 arithmetic inside the student's function passes; every mistake below misses by far more
@@ -335,3 +335,27 @@ def _variant_gradient(name: str, case: dict) -> torch.Tensor:
 
 add(Check(id=f"{LAB}.gradient", points=1, probe=_probe_gradient, judge=_judge_gradient,
           summary="autograd through your loss gives dL/dz = (p - y) / n_kept, as through F.cross_entropy"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Shortcuts: F.cross_entropy with label_smoothing is the answer key; plain F.cross_entropy is allowed
+# (a loss written as (1 - alpha) * CE + alpha * mean(-log p) may use it for the first term)
+# --------------------------------------------------------------------------------------------------
+
+def _smoothing_asked(args: dict) -> bool:
+    try:
+        return float(args.get("label_smoothing", 0.0)) != 0.0
+    except (TypeError, ValueError):
+        return True
+
+
+WRITE_IT = "the exercise is to write the smoothed target's cross-entropy yourself"
+SHORTCUTS = (
+    Shortcut("torch.nn.functional.cross_entropy", "F.cross_entropy(label_smoothing=...) (or nn.CrossEntropyLoss "
+             f"with it) is the checks' answer key; {WRITE_IT}", only_if=_smoothing_asked),
+    Shortcut("reglab.topics.label_smoothing.lecture.label_smoothed_cross_entropy",
+             f"it is the course's own reference; {WRITE_IT}"),
+)
+for _id in ("matches_cross_entropy", "reductions", "ignore_index", "class_dim", "alpha_range", "large_logits",
+            "fresh_cases", "gradient"):
+    add(refusing(SHORTCUTS, REGISTRY[f"{LAB}.{_id}"]))

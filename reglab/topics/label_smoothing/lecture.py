@@ -587,3 +587,52 @@ def show_sweep_result(sweep: AlphaSweep, table: dict[float, dict], alpha: float)
     print(f"alpha={alpha:g} ({'mean of ' + str(n_seeds) + ' seeds' if n_seeds > 1 else 'one seed'}): test acc {row['acc']:.3f}, "
           f"NLL {row['nll']:.3f}, ECE {row['ece']:.3f}; train gap {row['train_gap']:.2f} "
           f"(optimum {optimum:.2f}); fitted T {row['temperature']:.2f} -> ECE {row['ts_ece']:.3f}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# What smoothing erases: the spread of the wrong-class logits (notebook 03, "What smoothing costs")
+# ---------------------------------------------------------------------------------------------------
+
+def wrong_logit_spread(start_logits: torch.Tensor, alpha: float, steps: int = 1000, lr: float = 1.0) -> dict:
+    """Gradient descent on one logit vector (class 0 true) against the alpha-smoothed target; the standard
+    deviation of the wrong-class logits at the start and after `steps` steps, and a lower bound on it.
+
+    The bound. The gradient on a wrong class k is p_k - alpha/V, so alpha/V cancels in every difference:
+    z_j - z_k changes by -lr (p_j - p_k) = -lr e^xi / Z (z_j - z_k) for some xi between z_j and z_k (mean
+    value theorem), and e^xi / Z <= p_max, the largest wrong-class probability. Each difference, hence the
+    standard deviation, shrinks per step by a factor in [1 - lr p_max(t), 1] (lr p_max <= 1): after T steps
+    it is at least initial * prod_t (1 - lr p_max(t)). With hard targets p_max(t) vanishes (roughly like 1/t),
+    so the spread keeps shrinking but slowly; with smoothing p_max(t) -> alpha/V and the spread decays like
+    (1 - lr alpha/V)^t.
+    """
+    _check_alpha(alpha)
+    V = start_logits.numel()
+    z = start_logits.detach().to(torch.float64).clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([z], lr=lr)
+    target = smoothed_target(torch.tensor(0), V, alpha, torch.float64)[None]              # (1, V)
+    log_factor = 0.0
+    for _ in range(steps):
+        p_max = float(torch.softmax(z.detach(), dim=0)[1:].max())
+        log_factor += math.log1p(-lr * p_max)
+        loss = F.cross_entropy(z[None], target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    initial = float(start_logits[1:].double().std())
+    return {"alpha": alpha, "steps": steps, "lr": lr, "initial": initial, "final": float(z.detach()[1:].std()),
+            "lower_bound": initial * math.exp(log_factor),
+            "smoothed_decay": initial * (1 - lr * alpha / V) ** steps}
+
+
+def check_spread(hard: dict, smoothed: dict) -> None:
+    """Assert what the derivation says: with hard targets the spread shrinks (no freezing) but stays above its
+    bound; with smoothing it falls below a thousandth of the start (its derived decay (1 - lr alpha/V)^T is
+    e^-10 = 4.5e-5 for lr 1, alpha 0.1, V 10, T 1000; the factor 20 leaves room for the first steps,
+    before p_max has settled at alpha/V)."""
+    assert hard["alpha"] == 0.0 < smoothed["alpha"], "compare a hard-target run with a smoothed one"
+    assert hard["lower_bound"] <= hard["final"] < hard["initial"], (
+        f"hard targets: spread {hard['final']:.3f} should shrink from {hard['initial']:.3f} but stay above the "
+        f"bound {hard['lower_bound']:.3f}")
+    assert smoothed["final"] < max(1e-3 * smoothed["initial"], 20 * smoothed["smoothed_decay"]), (
+        f"alpha = {smoothed['alpha']}: spread {smoothed['final']:.2e} did not decay like (1 - lr alpha/V)^T")
+    assert smoothed["final"] < hard["lower_bound"], "smoothing should erase what hard targets provably keep"

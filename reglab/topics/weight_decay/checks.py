@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from reglab.checks import Check, CheckFailed, add
+from reglab.checks import REGISTRY, Check, CheckFailed, Shortcut, add, refusing
 from reglab.model import GPTConfig
 
 STEPS = 120                                    # >= 100 steps, as the lab promises
@@ -215,13 +215,10 @@ ADAM_L2_MISTAKES = {
 
 
 # ------------------------------------------------------------------------------------ probe and judge
-TORCH_ADAMS = {"torch.optim.adam.Adam", "torch.optim.adamw.AdamW"}   # the answer key may not be the submission
-
 def _probe_optimizer(scenario_name: str, sparse: bool = False):
     def probe(cls) -> dict:
         final = run_optimizer(cls, SCENARIOS[scenario_name], sparse=sparse)
-        return {"final": {name: t.reshape(-1).tolist() for name, t in final.items()},
-                "classes": [f"{c.__module__}.{c.__qualname__}" for c in getattr(cls, "__mro__", ())]}
+        return {"final": {name: t.reshape(-1).tolist() for name, t in final.items()}}
     return probe
 
 
@@ -283,9 +280,6 @@ def _judge_optimizer(decoupled: bool, scenario_name: str, sparse: bool = False):
                                  "missing) or a first moment that grows without its second"))
         error, where = mismatch(got, want)
         if error <= 1.0:
-            if TORCH_ADAMS & set(data.get("classes", [])):
-                raise CheckFailed(f"{what} is PyTorch's own optimizer (a subclass of torch.optim.Adam or AdamW): "
-                                  "subclass torch.optim.Optimizer and write the update yourself")
             return
         for mistake, message in mistakes.items():
             if mismatch(got, mistaken(decoupled, scenario_name, sparse, mistake))[0] <= 1.0:
@@ -405,3 +399,18 @@ add(Check("weight_decay.adam_l2_missing_grads", 1, _probe_optimizer("main", spar
           "Adam + L2 skips parameters without a gradient, as torch.optim.Adam does"))
 add(Check("weight_decay.decay_split_llama_like", 1, _probe_split(["llama_like"]), _judge_split(["llama_like"]),
           "the split also holds for RMSNorm, SwiGLU, no biases and two layers"))
+
+
+# --------------------------------------------------------------------------------------- shortcuts
+# torch.optim's Adam and AdamW are the answer key: a subclass, a wrapped instance, or a call of their
+# functional form is refused (through the check protocol's one mechanism, reglab.checks.refusing).
+WRITE_IT = "subclass torch.optim.Optimizer and write the update yourself"
+SHORTCUTS = (
+    Shortcut("torch.optim.AdamW", f"it is PyTorch's own optimizer, the checks' answer key; {WRITE_IT}"),
+    Shortcut("torch.optim.Adam", f"it is PyTorch's own optimizer, the checks' answer key; {WRITE_IT}"),
+    Shortcut("torch.optim.adam.adam", f"it is the functional form of torch.optim.Adam; {WRITE_IT}"),
+    Shortcut("torch.optim.adamw.adamw", f"it is the functional form of torch.optim.AdamW; {WRITE_IT}"),
+)
+for _id in ("adamw", "adam_l2", "adamw_other_settings", "adam_l2_other_settings", "adamw_missing_grads",
+            "adam_l2_missing_grads"):
+    add(refusing(SHORTCUTS, REGISTRY[f"weight_decay.{_id}"]))

@@ -292,3 +292,38 @@ def show_grokking(results: dict[str, list[History]], setting: str, colors: dict 
         reached = f"passed 99% test accuracy at step {step}" if step else "did not pass 99% test accuracy"
         print(f"{setting}, run {i}: {reached}; final train {h.final['train_acc']:.1%}, test {h.final['val_acc']:.1%}, "
               f"matrix norm {h.final['matrix_norm']:.1f} after {h.final['step']} steps")
+
+
+# ------------------------------------------------------------------ Adam + L2 at matched strength (lab §5)
+def adam_gradient_scale(model_config: GPTConfig, task, lr: float, betas: tuple, weight_decay: float = 1.0,
+                        steps: int = 200, seed: int = 0) -> dict[str, float]:
+    """sqrt(v_hat), Adam's running RMS of the loss gradient, over the decayed (>= 2-D) weights of a fresh model
+    after `steps` full-batch torch.optim.AdamW steps (the course's param groups, constant lr): its median and
+    quartiles over all their entries. Bias-corrected: v_hat = v / (1 - beta2**t)."""
+    from reglab.train import loss_fn, make_optimizer, new_model
+    model = new_model(model_config, seed=seed, device=task.device).train()
+    optimizer = make_optimizer(model, TrainConfig(lr=lr, betas=betas, weight_decay=weight_decay, grad_clip=None))
+    x, y = task.splits["train"]                                                  # full batch
+    for _ in range(steps):
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    rms = []
+    for p in model.parameters():
+        if p.dim() >= 2 and p in optimizer.state:
+            state = optimizer.state[p]
+            rms.append((state["exp_avg_sq"] / (1 - betas[1] ** float(state["step"]))).sqrt().flatten())
+    rms = torch.cat(rms).double().cpu()
+    q1, median, q3 = (float(torch.quantile(rms, q)) for q in (0.25, 0.5, 0.75))
+    return {"median": median, "q1": q1, "q3": q3, "steps": steps, "weight_decay": weight_decay}
+
+
+def matched_l2_weight_decay(adamw_weight_decay: float, sqrt_v_hat: float) -> float:
+    """The L2 lambda whose decay per step matches AdamW's on a weight the loss does not hold.
+
+    AdamW removes lr * lambda_W * theta per step. Adam + L2 adds lambda_L2 * theta to the gradient and divides
+    by sqrt(v_hat) + eps; while the loss gradient sets v_hat, it removes lr * lambda_L2 * theta / sqrt(v_hat).
+    Equal when lambda_L2 = lambda_W * sqrt(v_hat) (eps << sqrt(v_hat)).
+    """
+    return adamw_weight_decay * sqrt_v_hat
