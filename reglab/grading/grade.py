@@ -8,7 +8,10 @@ For each submission the grader
    cell and answer cell of the lab still there under its id, in the lab's order (added cells, edited
    cells and deleted prose are fine); anything else is `invalid`, with the reason;
 2. executes it with papermill in a fresh kernel in a private working directory (`reglab.grading.sandbox`:
-   wall-clock timeout, memory cap, every process killed at the end, another user when run as root),
+   inside bubblewrap, with no network and nothing of the machine visible but Python and the course,
+   as an unprivileged uid, with a wall-clock timeout, memory and process caps, every process killed at
+   the end; the grader refuses to run when the sandbox cannot start, unless --no-sandbox, which each
+   row's reason then records),
    with the parameters budget="ci", device="cpu", seed=0, and one cell appended at the end that calls
    every check's probe on the student's objects and writes the JSON data to a file. The lab's slider
    cells (tagged `widget` in the solution) are not run, and progress bars are off (REGLAB_PROGRESS=0,
@@ -52,13 +55,14 @@ import sys
 import tempfile
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from reglab import checks as check_registry
 from reglab.grading.generate import (BEGIN_HIDDEN, END_HIDDEN, NOTE_ID, SOLUTIONS, STUB_MARKDOWN, find_solution, lab_name, make_lab,
                          skip_widgets, widget_ids)
-from reglab.grading.sandbox import Limits, execute, remove_tree, skip_slow_optional_imports
+from reglab.grading.sandbox import DEFAULT_UID, Limits, choose_uid, execute, remove_tree, skip_slow_optional_imports, unavailable
 
 STATUSES = ("graded", "error", "timeout", "invalid")
 BASE_COLUMNS = ["submission", "status", "score", "max_score", "reason", "sha256"]
@@ -69,7 +73,7 @@ PROBE_SECONDS = 60                    # one probe may run this long before it co
 MAX_SUBMISSION_BYTES = 32 * 2**20     # a lab notebook with its outputs is well under 1 MB
 MAX_PROBE_FILE_BYTES = 16 * 2**20
 MAX_CHECK_DATA_BYTES = 4 * 2**20      # the check protocol asks probes for < ~1 MB
-DEFAULT_SANDBOX_UID = 61000           # root grader: student code runs as uid 61000 + worker slot (no account needed)
+NO_SANDBOX_NOTE = "ran without the sandbox (--no-sandbox)"   # in the reason of every row graded so
 PAPERMILL_ERROR_TAG = "papermill-error-cell-tag"
 _UMASK = os.umask(0o022)              # read the process's umask (the only way is to set it) ...
 os.umask(_UMASK)                      # ... and put it back
@@ -573,7 +577,8 @@ class Options:
     device: str = "cpu"
     timeout_s: float = 300.0
     memory_mb: int = 4096
-    uid: int | None = None          # base uid of the sandbox (root grader only)
+    uid: int | None = None          # base uid of student code (+ worker slot); None: the grader's own (self-check)
+    sandbox: bool = True            # run inside bubblewrap; False: --no-sandbox (recorded) or --self-check
 
     def parameters(self) -> dict:
         return {"budget": self.budget, "seed": self.seed, "device": self.device}
@@ -679,7 +684,7 @@ def run_submission(submission: Submission, lab: Lab, options: Options, slot: int
             for file in lab.private_files:
                 shutil.copyfile(file, workdir / PRIVATE_DIR / file.name)
         uid = None if options.uid is None else options.uid + slot
-        limits = Limits(timeout_s=options.timeout_s, memory_mb=options.memory_mb, uid=uid)
+        limits = Limits(timeout_s=options.timeout_s, memory_mb=options.memory_mb, uid=uid, sandbox=options.sandbox)
         run = execute(prepare(notebook, lab, workdir), workdir, options.parameters(), limits)
         results, why = read_probe_results(workdir / PROBE_FILE)
     finally:
@@ -715,6 +720,10 @@ def run_submission(submission: Submission, lab: Lab, options: Options, slot: int
         if errors:
             shown = ", ".join(f"'{cell}' ({text.split(':')[0]})" for cell, text in errors[:4])
             reason += f"; errors in cells {shown}" + (f" and {len(errors) - 4} more" if len(errors) > 4 else "")
+    if run.flooded:
+        reason += f"; {run.flooded}"
+    if not options.sandbox:
+        reason += f"; {NO_SANDBOX_NOTE}"
     return Graded(name, status, reason, verdicts, sha, time.perf_counter() - start, errors, notes,
                   _for_inspection(run.notebook))
 
@@ -918,32 +927,9 @@ def _grade_in_worker(submission: Submission, options: Options) -> Graded:
     return run_submission(submission, _WORKER["lab"], options, _WORKER["slot"])
 
 
-def sandbox_uid(choice: str) -> tuple[int | None, str]:
-    """The base uid for student code ('auto': 61000 when the grader is root and that user can run
-    this Python; 'self': the grader's own user; or a number) and a warning when it falls back."""
-    if choice == "self":
-        return None, ""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        if choice != "auto":
-            raise ValueError(f"--sandbox-uid {choice} needs a grader running as root")
-        return None, ""
-    base = DEFAULT_SANDBOX_UID if choice == "auto" else int(choice)
-    import subprocess
-    try:
-        probe = subprocess.run([sys.executable, "-c", "import sys; sys.modules['rfc3987_syntax'] = None; "
-                                "import reglab.grading.sandbox, papermill, ipykernel"], user=base,
-                               group=base, extra_groups=[], cwd="/", capture_output=True, timeout=120,
-                               env={"PATH": "/usr/bin:/bin", "HOME": "/", "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
-        problem = "" if probe.returncode == 0 else probe.stderr.decode(errors="replace").strip().split("\n")[-1]
-    except (OSError, subprocess.SubprocessError) as err:
-        problem = str(err)
-    if not problem:
-        return base, ""
-    message = (f"uid {base} cannot run {sys.executable} ({problem[:200]})")
-    if choice != "auto":
-        raise ValueError(message)
-    return None, (f"warning: student code runs as root, because {message}. Make Python and the course "
-                  "readable by other users, or run the grader in a container (README, instructors).")
+def sandbox_uid(choice: str, sandboxed: bool = True) -> int | None:
+    """The base uid of student code for --sandbox-uid choice (`reglab.grading.sandbox.choose_uid`)."""
+    return choose_uid(choice, sandboxed)
 
 
 def _lock(out: Path):
@@ -964,6 +950,9 @@ def grade(lab: Lab, submissions: list[tuple[Path, str]], out: Path, options: Opt
           force: bool = False, tests_dir: Path | None = None, log=print) -> list[Graded]:
     """Grade submissions into out; returns what was graded in this run (skipped ones excluded)."""
     out = Path(out)
+    problem = unavailable(DEFAULT_UID if options.uid is None else options.uid) if options.sandbox else ""
+    if problem:                              # fail closed: no student code runs outside the sandbox unasked
+        raise ValueError(problem)
     out.mkdir(parents=True, exist_ok=True)
     with _lock(out):
         return _grade_unlocked(lab, submissions, out, options, workers, force, tests_dir, log)
@@ -1029,6 +1018,7 @@ def self_check(notebook: Path, lab_name_or_path: str | None, options: Options, t
                log=print) -> int:
     """Run a student's notebook with the public checks only and print each verdict; 0 if all pass."""
     lab = load_lab(lab_name_or_path or infer_lab(notebook), tests_dir, kinds=("public",))
+    options = dataclasses.replace(options, sandbox=False, uid=None)    # your own code, as your own user
     log(f"self-check of {notebook} against the {lab.name} lab (public checks only; budget {options.budget}, "
         f"device {options.device}); this takes about as long as running the notebook")
     graded = grade_submission(Path(notebook), Path(notebook).stem, lab, options)
@@ -1061,32 +1051,6 @@ def infer_lab(notebook: Path) -> str:
     raise ValueError(f"cannot tell which lab {notebook} is; pass --lab NAME")
 
 
-def benchmark(lab_name_or_path: str, n: int = 30, workers: int = 2, budget: str = "ci", timeout_s: float = 300.0) -> dict:
-    """Grade n copies of a lab's solution and print the total and per-submission wall times."""
-    skip_slow_optional_imports()
-    lab = load_lab(lab_name_or_path)
-    with tempfile.TemporaryDirectory(prefix="reglab-bench-grade-") as folder:
-        submissions = []
-        for i in range(n):
-            path = Path(folder) / "submissions" / f"copy{i + 1:02d}.ipynb"
-            path.parent.mkdir(exist_ok=True)
-            shutil.copyfile(lab.solution, path)
-            submissions.append((path, path.stem))
-        options = Options(budget=budget, timeout_s=timeout_s, uid=sandbox_uid("auto")[0])
-        start = time.perf_counter()
-        done = grade(lab, submissions, Path(folder) / "out", options, workers=workers, log=lambda line: None)
-        total = time.perf_counter() - start
-    times = sorted(g.seconds for g in done)
-    statuses = {s: sum(g.status == s for g in done) for s in STATUSES}
-    print(f"graded {n} copies of {lab.solution.name} (budget {budget}, {workers} workers): {total:.1f} s total")
-    print(f"per submission: min {times[0]:.1f} s, median {times[len(times) // 2]:.1f} s, max {times[-1]:.1f} s")
-    print("statuses: " + ", ".join(f"{k} {v}" for k, v in statuses.items() if v)
-          + f"; full marks: {sum(g.score == lab.max_score for g in done)} of {n}")
-    for g in sorted(done, key=lambda g: g.name):
-        print(f"  {g.name}: {g.seconds:.1f} s, {g.status}, {g.score}/{lab.max_score}")
-    return {"total_s": total, "per_submission_s": times, "statuses": statuses}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reglab.grade", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1105,21 +1069,25 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="injected seed (default 0)")
     parser.add_argument("--device", default="cpu", help="injected device (default cpu)")
     parser.add_argument("--sandbox-uid", default="auto", metavar="UID",
-                        help="root grader: uid for student code ('auto': 61000 + worker slot; 'self': no switch)")
+                        help="uid for student code ('auto': 61000 + worker slot; 'self': the grader's own, not for root)")
+    parser.add_argument("--no-sandbox", action="store_true", help="run student code without bubblewrap (no network "
+                        "or filesystem isolation); printed, and recorded in every row's reason")
     args = parser.parse_args(argv)
     skip_slow_optional_imports()
     if args.workers < 1 or args.timeout <= 0 or args.memory_mb < 256:
         parser.error("--workers must be >= 1, --timeout > 0 and --memory-mb >= 256")
     tests_dir = Path(args.tests) if args.tests else None
     try:
-        uid, warning = sandbox_uid(args.sandbox_uid)
-        options = Options(args.budget, args.seed, args.device, args.timeout, args.memory_mb, uid)
         if args.self_check:
             if args.submissions or args.out:
                 parser.error("--self-check takes one notebook and no --out")
-            if warning:
-                print(warning, file=sys.stderr)
+            options = Options(args.budget, args.seed, args.device, args.timeout, args.memory_mb, None, sandbox=False)
             return self_check(Path(args.self_check), args.lab_option or args.lab, options, tests_dir)
+        uid = sandbox_uid(args.sandbox_uid, sandboxed=not args.no_sandbox)
+        options = Options(args.budget, args.seed, args.device, args.timeout, args.memory_mb, uid, sandbox=not args.no_sandbox)
+        problem = unavailable(DEFAULT_UID if uid is None else uid) if options.sandbox else ""
+        if problem:
+            raise ValueError(problem)
         if not args.lab or not args.submissions or not args.out:
             parser.error("give LAB, at least one SUBMISSION and --out DIR (or --self-check NOTEBOOK)")
         lab = load_lab(args.lab, tests_dir)
@@ -1127,8 +1095,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if warning:
-        print(warning, file=sys.stderr)
+    if args.no_sandbox:
+        print(f"warning: --no-sandbox: student code runs without bubblewrap: it can reach the network and read what "
+              f"uid {uid if uid is not None else os.getuid()} can read; every row's reason says so", file=sys.stderr)
     print(f"grading {len(submissions)} submission(s) of the {lab.name} lab: {len(lab.checks)} checks, "
           f"{lab.max_score} points; budget {options.budget}, timeout {options.timeout_s:g} s, memory {options.memory_mb} MB")
     signal.signal(signal.SIGTERM, _interrupt)
