@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import threading
@@ -127,8 +128,12 @@ def sandbox_env(workdir: Path, python: str = sys.executable) -> dict[str, str]:
         "JUPYTER_RUNTIME_DIR": str(workdir / ".local" / "jupyter" / "runtime"),
         "REGLAB_PROGRESS": "0",                # no progress-bar widgets: nobody watches, and widget comms
     }                                          # can hang a headless nbclient run (jupyter/nbclient#312)
-    if os.environ.get("PYTHONPATH"):           # what the instructor made importable stays importable
-        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in os.environ["PYTHONPATH"].split(os.pathsep) if p)
+    paths = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    holder = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))   # the folder of reglab/
+    if holder not in site.getsitepackages():   # the kernel imports the grader's reglab (in the sandbox: only it)
+        paths.insert(0, holder)
+    if paths:                                  # what the instructor made importable stays importable
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return env
 
 
