@@ -14,8 +14,8 @@ directory and executes it with papermill in a child process that
   the binds; an ordinary user: mapped in a user namespace), never as root;
 - caps its address space (`RLIMIT_AS`, inherited by the kernel: a memory bomb gets MemoryError),
   the size of any file it writes, its core dumps and the processes of its uid (`RLIMIT_NPROC`);
-- keeps at most `MAX_CELL_OUTPUT_BYTES` of each cell's output (the rest is dropped, with a note in the
-  cell that `flood_note` finds), and waits for a flooding cell's output at most `IOPUB_SECONDS`;
+- keeps at most `MAX_CELL_OUTPUT_BYTES` of each cell's output (the runner drops the rest and leaves a
+  note in the cell that `flood_note` finds);
 - is killed, kernel and every process it started included, when the wall-clock limit passes or the
   run ends: the PID namespace dies with its first process, and the caller, a "child subreaper"
   (Linux), sweeps up whatever is left (jupyter_client starts the kernel in a session of its own, and
@@ -27,8 +27,7 @@ but the namespaces and the sealed filesystem; a root grader then still switches 
 refuses when that uid cannot run this Python. The child reports how papermill ended through a pipe
 of its own that the kernel does not inherit; the executed notebook is read back from the working
 directory, size-limited, and trusted for nothing but its text.
-
-    python -m reglab.grading.sandbox SPEC.json FD    # the child's entry point; not for direct use
+`reglab.grading.runner` is the child: what runs inside the sandbox.
 """
 from __future__ import annotations
 
@@ -44,13 +43,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from reglab.grading.runner import FLOOD_NOTE, MAX_CELL_OUTPUT_BYTES, MAX_REPORT_BYTES  # the child's
+from reglab.grading.runner import skip_slow_optional_imports  # noqa: F401 - also the grader's (workers)
+
 INPUT_NAME, OUTPUT_NAME, SPEC_NAME = "submission.ipynb", "executed.ipynb", ".reglab-sandbox.json"
 MAX_NOTEBOOK_BYTES = 64 * 2**20      # an executed notebook larger than this is not read back
-MAX_REPORT_BYTES = 64 * 2**10
 MAX_STDERR_BYTES = 2000              # of the sandbox's stderr, kept for a run that ended without a report
-MAX_CELL_OUTPUT_BYTES = 2**20        # output kept per cell; a lab cell prints a few kB
-IOPUB_SECONDS = 30                   # wait this long for a cell's last output after it finished (nbclient: 4)
-FLOOD_NOTE = "[reglab grader: this cell's output exceeded {limit} MB; {dropped} MB more were dropped]"
 PR_SET_CHILD_SUBREAPER = 36          # prctl option, <linux/prctl.h>
 DEFAULT_UID = 61000                  # student code runs as uid 61000 + worker slot (no account needed)
 
@@ -108,7 +106,7 @@ def unavailable(uid: int = DEFAULT_UID, python: str = sys.executable) -> str:
 def _uid_cannot_run(uid: int) -> str:
     try:
         probe = subprocess.run([sys.executable, "-c", "import sys; sys.modules['rfc3987_syntax'] = None; "
-                                "import reglab.grading.sandbox, papermill, ipykernel"], user=uid, group=uid,
+                                "import reglab.grading.runner, papermill, ipykernel"], user=uid, group=uid,
                                extra_groups=[], cwd="/", capture_output=True, timeout=120,
                                env={"PATH": "/usr/bin:/bin", "HOME": "/", "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
     except (OSError, subprocess.SubprocessError) as err:
@@ -278,7 +276,7 @@ def execute(notebook: dict, workdir: Path, parameters: dict, limits: Limits) -> 
     if problem:                                              # fail closed
         return Execution("crashed", problem, 0.0, None)
     read_end, write_end = os.pipe()
-    argv, user = [limits.python, "-m", "reglab.grading.sandbox", str(workdir / SPEC_NAME), str(write_end)], {}
+    argv, user = [limits.python, "-m", "reglab.grading.runner", str(workdir / SPEC_NAME), str(write_end)], {}
     if limits.sandbox:
         from reglab.grading import bwrap
         argv = bwrap.command(argv, workdir, uid, limits.python)
@@ -342,110 +340,3 @@ def execute(notebook: dict, workdir: Path, parameters: dict, limits: Limits) -> 
         said = b"".join(stderr).decode(errors="replace").strip().splitlines()
         outcome, message = "crashed", f"it ended without a report ({how})" + (f": {said[-1][:300]}" if said else "")
     return Execution(outcome, message, wall, executed, flooded)
-
-
-def skip_slow_optional_imports() -> None:
-    """jsonschema (under nbformat, under papermill) validates IRIs with rfc3987_syntax when it can import
-    it, and that import builds a grammar for ~2 s of CPU; notebooks hold no IRIs, so make it unimportable.
-    Only for processes of the grader's own (the child here, the grader's workers)."""
-    sys.modules.setdefault("rfc3987_syntax", None)
-
-
-def _apply_limits(limits: dict) -> None:
-    import resource
-    mb = 2**20
-    caps = [(resource.RLIMIT_AS, limits["memory_mb"] * mb), (resource.RLIMIT_FSIZE, limits["max_file_mb"] * mb),
-            (resource.RLIMIT_CORE, 0)]
-    if limits.get("uid") is not None:                        # counted per uid: each worker slot has its own
-        caps.append((resource.RLIMIT_NPROC, limits["max_processes"]))
-    for which, value in caps:
-        soft, hard = resource.getrlimit(which)
-        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        try:
-            resource.setrlimit(which, (value, value))
-        except (ValueError, OSError):       # macOS refuses some address-space limits; the others still apply
-            if which != resource.RLIMIT_AS or sys.platform.startswith("linux"):
-                raise
-
-
-def _output_size(content: dict) -> int:
-    if "text" in content:
-        return len(str(content["text"]))
-    return sum(len(str(v)) for v in (content.get("data") or {}).values()) + len(str(content.get("traceback", "")))
-
-
-def cap_cell_outputs() -> None:
-    """Keep at most MAX_CELL_OUTPUT_BYTES of each cell's output in the executed notebook, and end a cell
-    whose output was cut with one FLOOD_NOTE (error outputs, which name the exception, are always kept,
-    shortened). Patches nbclient in this process only: the child runs nothing else."""
-    from nbclient.client import NotebookClient
-    from nbformat.v4 import new_output
-    original = NotebookClient.output
-    counts: dict[int, list] = {}                             # cell index -> [kept, dropped, note]
-
-    def output(self, outs, msg, display_id, cell_index):
-        content = msg.get("content") or {}
-        if msg.get("msg_type") == "error":
-            content["evalue"] = str(content.get("evalue", ""))[:2000]
-            content["traceback"] = [str(line)[:2000] for line in (content.get("traceback") or [])[-20:]]
-            return original(self, outs, msg, display_id, cell_index)
-        kept, dropped, note = counts.setdefault(cell_index, [0, 0, None])
-        size = _output_size(content)
-        if kept + size <= MAX_CELL_OUTPUT_BYTES:
-            counts[cell_index][0] = kept + size
-            return original(self, outs, msg, display_id, cell_index)
-        result = None
-        if msg.get("msg_type") == "stream" and kept < MAX_CELL_OUTPUT_BYTES:   # keep the head of the stream
-            room = MAX_CELL_OUTPUT_BYTES - kept
-            msg = {**msg, "content": {**content, "text": str(content.get("text", ""))[:room]}}
-            result = original(self, outs, msg, display_id, cell_index)
-            size, kept = size - room, MAX_CELL_OUTPUT_BYTES
-        dropped += size
-        text = FLOOD_NOTE.format(limit=MAX_CELL_OUTPUT_BYTES // 2**20, dropped=f"{dropped / 2**20:.1f}") + "\n"
-        if note is None or note not in outs:
-            note = new_output("stream", name="stderr", text=text)
-            outs.append(note)
-        note["text"] = text
-        counts[cell_index] = [kept, dropped, note]
-        return result
-
-    NotebookClient.output = output
-
-
-def _child_main(spec_path: str, report_fd: int) -> int:
-    """Run papermill once and report how it ended on report_fd (the kernel never inherits that fd)."""
-    os.set_inheritable(report_fd, False)
-    try:
-        spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-        _apply_limits(spec["limits"])
-        skip_slow_optional_imports()
-        cap_cell_outputs()
-        import papermill
-        from nbclient.exceptions import DeadKernelError
-        from papermill.exceptions import PapermillExecutionError
-        try:
-            papermill.execute_notebook(
-                spec["input"], spec["output"], parameters=spec["parameters"], kernel_name="python3",
-                cwd=spec["cwd"], progress_bar=False, log_output=False, allow_errors=True,
-                request_save_on_cell_execute=True, autosave_cell_every=5,
-                start_timeout=min(120, int(spec["limits"]["timeout_s"])),
-                iopub_timeout=IOPUB_SECONDS, raise_on_iopub_timeout=False)   # a flood: cut, not a crash
-            report = {"outcome": "finished"}
-        except PapermillExecutionError:                      # cells raised: the notebook records which
-            report = {"outcome": "finished"}
-        except DeadKernelError as err:
-            report = {"outcome": "kernel-died", "message": str(err)}
-    except BaseException as err:                             # noqa: BLE001 - every ending is reported
-        report = {"outcome": "crashed", "message": f"{type(err).__name__}: {err}"}
-    try:
-        os.write(report_fd, json.dumps(report).encode("utf-8")[:MAX_REPORT_BYTES])
-    finally:
-        os.close(report_fd)
-    return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        print(__doc__.strip().splitlines()[-1], file=sys.stderr)
-        sys.exit(2)
-    sys.exit(_child_main(sys.argv[1], int(sys.argv[2])))
