@@ -315,3 +315,19 @@ def test_the_bwrap_command_shows_the_course_package_but_not_the_repository(tmp_p
     assert not any(Path(b).is_relative_to(ROOT / "solutions") or Path(b).is_relative_to(PRIVATE) for b in binds)
     assert "/etc" not in binds and "/home" not in binds and "/root" not in binds
     assert command[command.index("--") + 1:][-3:] == ["python", "-c", "pass"]
+
+
+def test_the_sandbox_fails_closed_when_bubblewrap_is_missing_or_cannot_set_up(tmp_path, monkeypatch):
+    from reglab.grading import bwrap
+    from reglab.grading.sandbox import Limits, execute
+    monkeypatch.setattr(bwrap, "BWRAP", str(tmp_path / "missing-bwrap"))
+    run = execute({"cells": []}, tmp_path / "work", {}, Limits(timeout_s=30, uid=61000))
+    assert run.outcome == "crashed" and "bubblewrap" in run.message and "is not installed" in run.message
+    assert not (tmp_path / "work" / "executed.ipynb").exists()
+    broken = tmp_path / "broken-bwrap"                  # a bubblewrap that cannot make its namespaces
+    broken.write_text("#!/bin/sh\necho 'bwrap: Creating new namespace failed: Operation not permitted' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setattr(bwrap, "BWRAP", str(broken))
+    said = bwrap.unavailable(61000)
+    assert said.startswith("the sandbox cannot start") and "Creating new namespace failed" in said
+    assert ("user namespace" in said) == (os.geteuid() != 0)

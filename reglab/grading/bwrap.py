@@ -6,7 +6,7 @@ cgroup namespaces, its own session, killed with its parent, and a filesystem bui
 that holds, read-only, only what the interpreter needs (see `_read_only_trees`), plus the
 submission's working folder (writable) and an empty private /tmp. `unavailable(uid)` answers,
 from one tiny probe run (cached per process), whether that works on this machine, and if not,
-what to install or enable.
+what to install or enable; `missing_programs()` is its cheap half (are the programs there?).
 
 Who the code runs as: a root grader has bubblewrap make every bind as root (an interpreter under
 /root is reachable only so), then `setpriv` inside drops to the unprivileged uid before Python
@@ -125,7 +125,8 @@ def unavailable(uid: int, python: str = sys.executable) -> str:
     return _PROBED[key]
 
 
-def _probe(uid: int, python: str) -> str:
+def missing_programs() -> str:
+    """"" when bwrap (and, for a root grader, setpriv) can be found; else what to install. No probe run."""
     if not sys.platform.startswith("linux"):
         return f"the sandbox needs Linux (bubblewrap), this is {sys.platform}; pass --no-sandbox to grade without it"
     if shutil.which(BWRAP) is None:
@@ -133,6 +134,13 @@ def _probe(uid: int, python: str) -> str:
     if os.geteuid() == 0 and shutil.which(SETPRIV) is None:
         return (f"the sandbox cannot start: setpriv ({SETPRIV}) is missing; install util-linux "
                 "(Debian/Ubuntu: `apt-get install util-linux`)")
+    return ""
+
+
+def _probe(uid: int, python: str) -> str:
+    missing = missing_programs()
+    if missing:
+        return missing
     with tempfile.TemporaryDirectory(prefix="reglab-sandbox-probe-") as folder:
         if os.geteuid() == 0:
             os.chown(folder, uid, uid)

@@ -272,13 +272,13 @@ def execute(notebook: dict, workdir: Path, parameters: dict, limits: Limits) -> 
     spec = {"input": str(workdir / INPUT_NAME), "output": str(workdir / OUTPUT_NAME), "cwd": str(workdir),
             "parameters": parameters, "limits": {**asdict(limits), "uid": uid}}
     (workdir / SPEC_NAME).write_text(json.dumps(spec), encoding="utf-8")
-    problem = unavailable(uid, limits.python) if limits.sandbox else ""
-    if problem:                                              # fail closed
+    from reglab.grading import bwrap
+    problem = bwrap.missing_programs() if limits.sandbox else ""   # the full probe ran once, in the grader
+    if problem:                                              # fail closed (a bwrap that cannot set up runs nothing)
         return Execution("crashed", problem, 0.0, None)
     read_end, write_end = os.pipe()
     argv, user = [limits.python, "-m", "reglab.grading.runner", str(workdir / SPEC_NAME), str(write_end)], {}
     if limits.sandbox:
-        from reglab.grading import bwrap
         argv = bwrap.command(argv, workdir, uid, limits.python)
     elif root and uid is not None:
         user = {"user": uid, "group": uid, "extra_groups": []}
