@@ -23,11 +23,12 @@ directory and executes it with papermill in a child process that
   is the one that counts).
 
 `limits.sandbox=False` (the instructor's `--no-sandbox`, a student's `--self-check`) keeps everything
-but the namespaces and the sealed filesystem; a root grader then still switches to the uid, and
-refuses when that uid cannot run this Python. The child reports how papermill ended through a pipe
-of its own that the kernel does not inherit; the executed notebook is read back from the working
-directory, size-limited, and trusted for nothing but its text.
-`reglab.grading.runner` is the child: what runs inside the sandbox.
+but the namespaces and the sealed filesystem; a root grader then switches to `limits.uid` with
+setuid, and `choose_uid` refuses a uid that cannot run this Python rather than fall back to root
+(only a self-check, a student's own code, runs as the user who started it). The child
+(`reglab.grading.runner`) reports how papermill ended through a pipe of its own that the kernel does
+not inherit; the executed notebook is read back from the working directory, size-limited, and trusted
+for nothing but its text.
 """
 from __future__ import annotations
 
