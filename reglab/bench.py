@@ -3,7 +3,8 @@
     python -m reglab.bench model [--n-layer 6 --n-head 6 --n-embd 384 --block-size 256 --batch-size 64
                                   --steps 50 --compile]
     python -m reglab.bench lab dropout --budget cpu     # executes the solution with papermill
-    python -m reglab.bench grade --lab dropout --n 30 --workers 2   # grades 30 copies of the solution
+    python -m reglab.bench grade --lab dropout --n 30 --workers 2   # grades 30 copies of the solution,
+                                                                    # with the sandbox and without
 
 Speeds belong here, printed, not in timed unit tests.
 """
@@ -96,6 +97,51 @@ def bench_lab(args) -> dict:
     return {"wall_s": wall, **record}
 
 
+def bench_grade(args) -> dict:
+    """Grade n copies of a lab's solution with the sandbox, then n without; print both per-submission
+    times and their ratio (the sandbox's cost; goal <= 1.1x)."""
+    import shutil
+
+    from reglab.grading.cli import grade
+    from reglab.grading.lab import load_lab
+    from reglab.grading.run import STATUSES, Options
+    from reglab.grading.sandbox import choose_uid, skip_slow_optional_imports
+
+    skip_slow_optional_imports()
+    lab = load_lab(args.lab)
+    try:                                   # the solution is trusted code: without the sandbox it may run as root
+        plain_uid = choose_uid("auto", sandboxed=False)
+    except ValueError:
+        plain_uid = None
+    modes = {"sandbox": Options(budget=args.budget, timeout_s=args.timeout, uid=choose_uid("auto", sandboxed=True)),
+             "no sandbox": Options(budget=args.budget, timeout_s=args.timeout, uid=plain_uid, sandbox=False)}
+    medians = {}
+    for mode, options in modes.items():
+        with tempfile.TemporaryDirectory(prefix="reglab-bench-grade-") as folder:
+            submissions = []
+            for i in range(args.n):
+                path = Path(folder) / "submissions" / f"copy{i + 1:02d}.ipynb"
+                path.parent.mkdir(exist_ok=True)
+                shutil.copyfile(lab.solution, path)
+                submissions.append((path, path.stem))
+            start = time.perf_counter()
+            done = grade(lab, submissions, Path(folder) / "out", options, workers=args.workers, log=lambda line: None)
+            total = time.perf_counter() - start
+        times = sorted(g.seconds for g in done)
+        medians[mode] = times[len(times) // 2]
+        statuses = {s: sum(g.status == s for g in done) for s in STATUSES}
+        user = "the grader's own user" if options.uid is None else f"uid {options.uid} + worker slot"
+        print(f"{mode} ({user}): graded {args.n} copies of {lab.solution.name} (budget {args.budget}, "
+              f"{args.workers} workers) in {total:.1f} s")
+        print(f"  per submission: min {times[0]:.1f} s, median {medians[mode]:.1f} s, max {times[-1]:.1f} s; "
+              + ", ".join(f"{k} {v}" for k, v in statuses.items() if v)
+              + f"; full marks: {sum(g.score == lab.max_score for g in done)} of {args.n}")
+    ratio = medians["sandbox"] / medians["no sandbox"]
+    print(f"per-submission median with the sandbox / without: {medians['sandbox']:.2f} s / "
+          f"{medians['no sandbox']:.2f} s = {ratio:.3f}x (goal <= 1.1x)")
+    return {"median_s": medians, "ratio": ratio}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reglab.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -116,9 +162,10 @@ def main(argv=None) -> int:
     lab.add_argument("--seed", type=int, default=0)
     lab.add_argument("--device", default="auto")
     lab.add_argument("--out", help="folder for the executed notebook (default: a temporary folder)")
-    grade = sub.add_parser("grade", help="grade n copies of a lab's solution; print total and per-submission time")
+    grade = sub.add_parser("grade", help="grade n copies of a lab's solution with and without the sandbox; "
+                           "print per-submission times and their ratio")
     grade.add_argument("--lab", default="dropout", help="short name or a solution's path")
-    grade.add_argument("--n", type=int, default=30)
+    grade.add_argument("--n", type=int, default=30, help="copies graded in each mode")
     grade.add_argument("--workers", type=int, default=2)
     grade.add_argument("--budget", default="ci", choices=["ci", "cpu", "gpu"])
     grade.add_argument("--timeout", type=float, default=300.0, help="seconds per submission")
@@ -126,8 +173,7 @@ def main(argv=None) -> int:
     if args.what == "model":
         bench_model(args)
     elif args.what == "grade":
-        from reglab.grading.cli import benchmark
-        benchmark(args.lab, args.n, args.workers, args.budget, args.timeout)
+        bench_grade(args)
     else:
         bench_lab(args)
     return 0

@@ -4,21 +4,18 @@
     python -m reglab.grade --self-check labs/01_dropout_lab.ipynb      # a student's public checks
 
 Each submission is validated here (no code runs), then one worker process runs it start to end
-(`reglab.grading.run`) while this process keeps the gradebook. `benchmark` grades copies of a solution
-for `python -m reglab.bench grade`.
+(`reglab.grading.run`) while this process keeps the gradebook.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import importlib
 import multiprocessing
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,11 +24,10 @@ from reglab.grading.gradebook import Gradebook, find_submissions, lock
 from reglab.grading.judge import not_run, one_line
 from reglab.grading.lab import Lab, infer_lab, load_lab, load_private_tests
 from reglab.grading.run import STATUSES, Graded, Options, grade_submission, invalid_graded, run_submission
-from reglab.grading.sandbox import skip_slow_optional_imports
+from reglab.grading.sandbox import DEFAULT_UID, choose_uid, skip_slow_optional_imports, unavailable
 from reglab.grading.validate import Submission, validate_submission
 
 DESCRIPTION = "Grading submitted labs: validate each notebook, run it in a sandbox, probe it there, judge here."
-DEFAULT_SANDBOX_UID = 61000           # root grader: student code runs as uid 61000 + worker slot (no account needed)
 
 
 _WORKER: dict = {}
@@ -60,37 +56,18 @@ def _grade_in_worker(submission: Submission, options: Options) -> Graded:
     return run_submission(submission, _WORKER["lab"], options, _WORKER["slot"])
 
 
-def sandbox_uid(choice: str) -> tuple[int | None, str]:
-    """The base uid for student code ('auto': 61000 when the grader is root and that user can run
-    this Python; 'self': the grader's own user; or a number) and a warning when it falls back."""
-    if choice == "self":
-        return None, ""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        if choice != "auto":
-            raise ValueError(f"--sandbox-uid {choice} needs a grader running as root")
-        return None, ""
-    base = DEFAULT_SANDBOX_UID if choice == "auto" else int(choice)
-    try:
-        probe = subprocess.run([sys.executable, "-c", "import sys; sys.modules['rfc3987_syntax'] = None; "
-                                "import reglab.grading.sandbox, papermill, ipykernel"], user=base,
-                               group=base, extra_groups=[], cwd="/", capture_output=True, timeout=120,
-                               env={"PATH": "/usr/bin:/bin", "HOME": "/", "PYTHONPATH": os.environ.get("PYTHONPATH", "")})
-        problem = "" if probe.returncode == 0 else probe.stderr.decode(errors="replace").strip().split("\n")[-1]
-    except (OSError, subprocess.SubprocessError) as err:
-        problem = str(err)
-    if not problem:
-        return base, ""
-    message = (f"uid {base} cannot run {sys.executable} ({problem[:200]})")
-    if choice != "auto":
-        raise ValueError(message)
-    return None, (f"warning: student code runs as root, because {message}. Make Python and the course "
-                  "readable by other users, or run the grader in a container (README, instructors).")
+def sandbox_uid(choice: str, sandboxed: bool = True) -> int | None:
+    """The base uid of student code for --sandbox-uid choice (`reglab.grading.sandbox.choose_uid`)."""
+    return choose_uid(choice, sandboxed)
 
 
 def grade(lab: Lab, submissions: list[tuple[Path, str]], out: Path, options: Options, workers: int = 1,
           force: bool = False, tests_dir: Path | None = None, log=print) -> list[Graded]:
     """Grade submissions into out; returns what was graded in this run (skipped ones excluded)."""
     out = Path(out)
+    problem = unavailable(DEFAULT_UID if options.uid is None else options.uid) if options.sandbox else ""
+    if problem:                              # fail closed: no student code runs outside the sandbox unasked
+        raise ValueError(problem)
     out.mkdir(parents=True, exist_ok=True)
     with lock(out):
         return _grade_unlocked(lab, submissions, out, options, workers, force, tests_dir, log)
@@ -160,6 +137,7 @@ def self_check(notebook: Path, lab_name_or_path: str | None, options: Options, t
                log=print) -> int:
     """Run a student's notebook with the public checks only and print each verdict; 0 if all pass."""
     lab = load_lab(lab_name_or_path or infer_lab(notebook), tests_dir, kinds=("public",))
+    options = dataclasses.replace(options, sandbox=False, uid=None)    # your own code, as your own user
     log(f"self-check of {notebook} against the {lab.name} lab (public checks only; budget {options.budget}, "
         f"device {options.device}); this takes about as long as running the notebook")
     graded = grade_submission(Path(notebook), Path(notebook).stem, lab, options)
@@ -169,32 +147,6 @@ def self_check(notebook: Path, lab_name_or_path: str | None, options: Options, t
         log(f"  {mark}  {verdict.check.id} ({verdict.check.points} pt): {verdict.message or verdict.check.summary}")
     log(f"public checks: {graded.score} / {lab.max_score} points. The grade also counts hidden tests.")
     return 0 if graded.status == "graded" and graded.score == lab.max_score else 1
-
-
-def benchmark(lab_name_or_path: str, n: int = 30, workers: int = 2, budget: str = "ci", timeout_s: float = 300.0) -> dict:
-    """Grade n copies of a lab's solution and print the total and per-submission wall times."""
-    skip_slow_optional_imports()
-    lab = load_lab(lab_name_or_path)
-    with tempfile.TemporaryDirectory(prefix="reglab-bench-grade-") as folder:
-        submissions = []
-        for i in range(n):
-            path = Path(folder) / "submissions" / f"copy{i + 1:02d}.ipynb"
-            path.parent.mkdir(exist_ok=True)
-            shutil.copyfile(lab.solution, path)
-            submissions.append((path, path.stem))
-        options = Options(budget=budget, timeout_s=timeout_s, uid=sandbox_uid("auto")[0])
-        start = time.perf_counter()
-        done = grade(lab, submissions, Path(folder) / "out", options, workers=workers, log=lambda line: None)
-        total = time.perf_counter() - start
-    times = sorted(g.seconds for g in done)
-    statuses = {s: sum(g.status == s for g in done) for s in STATUSES}
-    print(f"graded {n} copies of {lab.solution.name} (budget {budget}, {workers} workers): {total:.1f} s total")
-    print(f"per submission: min {times[0]:.1f} s, median {times[len(times) // 2]:.1f} s, max {times[-1]:.1f} s")
-    print("statuses: " + ", ".join(f"{k} {v}" for k, v in statuses.items() if v)
-          + f"; full marks: {sum(g.score == lab.max_score for g in done)} of {n}")
-    for g in sorted(done, key=lambda g: g.name):
-        print(f"  {g.name}: {g.seconds:.1f} s, {g.status}, {g.score}/{lab.max_score}")
-    return {"total_s": total, "per_submission_s": times, "statuses": statuses}
 
 
 def main(argv=None) -> int:
@@ -215,21 +167,22 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="injected seed (default 0)")
     parser.add_argument("--device", default="cpu", help="injected device (default cpu)")
     parser.add_argument("--sandbox-uid", default="auto", metavar="UID",
-                        help="root grader: uid for student code ('auto': 61000 + worker slot; 'self': no switch)")
+                        help="uid for student code ('auto': 61000 + worker slot; 'self': the grader's own, not for root)")
+    parser.add_argument("--no-sandbox", action="store_true", help="run student code without bubblewrap (no network "
+                        "or filesystem isolation); printed, and recorded in every row's reason")
     args = parser.parse_args(argv)
     skip_slow_optional_imports()
     if args.workers < 1 or args.timeout <= 0 or args.memory_mb < 256:
         parser.error("--workers must be >= 1, --timeout > 0 and --memory-mb >= 256")
     tests_dir = Path(args.tests) if args.tests else None
     try:
-        uid, warning = sandbox_uid(args.sandbox_uid)
-        options = Options(args.budget, args.seed, args.device, args.timeout, args.memory_mb, uid)
         if args.self_check:
             if args.submissions or args.out:
                 parser.error("--self-check takes one notebook and no --out")
-            if warning:
-                print(warning, file=sys.stderr)
+            options = Options(args.budget, args.seed, args.device, args.timeout, args.memory_mb, None, sandbox=False)
             return self_check(Path(args.self_check), args.lab_option or args.lab, options, tests_dir)
+        uid = sandbox_uid(args.sandbox_uid, sandboxed=not args.no_sandbox)
+        options = Options(args.budget, args.seed, args.device, args.timeout, args.memory_mb, uid, sandbox=not args.no_sandbox)
         if not args.lab or not args.submissions or not args.out:
             parser.error("give LAB, at least one SUBMISSION and --out DIR (or --self-check NOTEBOOK)")
         lab = load_lab(args.lab, tests_dir)
@@ -237,8 +190,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if warning:
-        print(warning, file=sys.stderr)
+    if args.no_sandbox:
+        print(f"warning: --no-sandbox: student code runs without bubblewrap: it can reach the network and read what "
+              f"uid {uid if uid is not None else os.getuid()} can read; every row's reason says so", file=sys.stderr)
     print(f"grading {len(submissions)} submission(s) of the {lab.name} lab: {len(lab.checks)} checks, "
           f"{lab.max_score} points; budget {options.budget}, timeout {options.timeout_s:g} s, memory {options.memory_mb} MB")
     signal.signal(signal.SIGTERM, _interrupt)

@@ -1,7 +1,9 @@
 """Grading room, one submission start to end: prepare, run in the sandbox, read back and judge, status and reason.
 
-The sandbox (`reglab.grading.sandbox`: wall-clock timeout, memory cap, every process killed at the
-end) executes the notebook with papermill in a fresh kernel in a private working directory, with the
+The sandbox (`reglab.grading.sandbox`: inside bubblewrap, with no network and nothing of the machine
+visible but Python and the course, as an unprivileged uid, with a wall-clock timeout, memory and
+process caps, every process killed at the end; `--no-sandbox`, which each row's reason then records,
+runs without bubblewrap) executes the notebook with papermill in a fresh kernel in a private working directory, with the
 parameters budget="ci", device="cpu", seed=0 (by default), the lab's slider cells emptied and progress
 bars off (REGLAB_PROGRESS=0, set by the sandbox): a widget needs a person, and a headless
 papermill/nbclient run can hang on a cell that opens widget comms (jupyter/nbclient#312,
@@ -29,6 +31,7 @@ STATUSES = ("graded", "error", "timeout", "invalid")
 PAPERMILL_ERROR_TAG = "papermill-error-cell-tag"
 MEMORY_ERRORS = ("MemoryError:", "OutOfMemoryError:")                  # Python's, torch.cuda's
 MEMORY_WORDS = ("DefaultCPUAllocator: can't allocate memory",)           # torch's CPU allocator, as RuntimeError
+NO_SANDBOX_NOTE = "ran without the sandbox (--no-sandbox)"               # in the reason of every row graded so
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,8 @@ class Options:
     device: str = "cpu"             # injected too
     timeout_s: float = 300.0        # wall clock for one submission, kernel start-up included
     memory_mb: int = 4096           # memory cap per process of the submission
-    uid: int | None = None          # base uid of the sandbox (root grader only)
+    uid: int | None = None          # base uid of student code (+ worker slot); None: the grader's own (self-check)
+    sandbox: bool = True            # run inside bubblewrap; False: --no-sandbox (recorded) or --self-check
 
     def parameters(self) -> dict:
         return {"budget": self.budget, "seed": self.seed, "device": self.device}
@@ -136,7 +140,7 @@ def run_submission(submission: Submission, lab: Lab, options: Options, slot: int
             for file in lab.private_files:
                 shutil.copyfile(file, workdir / PRIVATE_DIR / file.name)
         uid = None if options.uid is None else options.uid + slot
-        limits = Limits(timeout_s=options.timeout_s, memory_mb=options.memory_mb, uid=uid)
+        limits = Limits(timeout_s=options.timeout_s, memory_mb=options.memory_mb, uid=uid, sandbox=options.sandbox)
         run = execute(prepare(submission.notebook, lab, workdir), workdir, options.parameters(), limits)
         results, why = read_probe_results(workdir / PROBE_FILE)
     finally:
@@ -146,6 +150,10 @@ def run_submission(submission: Submission, lab: Lab, options: Options, slot: int
     verdicts = judge_all(lab, results, why)
     errors = _cell_errors(run.notebook)
     status, reason = status_and_reason(run, results is not None, why, verdicts, errors, options)
+    if run.flooded:
+        reason += f"; {run.flooded}"
+    if not options.sandbox:
+        reason += f"; {NO_SANDBOX_NOTE}"
     return Graded(submission.name, status, reason, verdicts, submission.sha256, time.perf_counter() - start,
                   errors, submission.notes, _for_inspection(run.notebook))
 
