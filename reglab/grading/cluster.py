@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import hashlib
+import itertools
 import os
 import tempfile
 from dataclasses import replace
@@ -110,17 +111,35 @@ def grade_many(todo, lab, options, address: str, workers: int, failed, task=grad
     private = {path.name: Path(path).read_bytes() for path in lab.private_files}
     client, cluster = connect(address, workers)
     try:
-        futures = {client.submit(task, s, lab, options, private, key=f"grade-{s.name}-{s.sha256[:12]}",
-                                 pure=False, retries=1): s for s in todo}
-        for future in as_completed(futures):
-            submission = futures[future]
+        try:
+            client.wait_for_workers(1, timeout=120)
+        except TimeoutError:
+            raise ValueError(f"the Dask scheduler at {address} has no workers; start some with "
+                             f"`dask worker {address} --nthreads 1`") from None
+        # As many tasks in flight as the cluster has threads: a worker then holds only the task it runs,
+        # and when it dies the scheduler blames that task alone (a queued task would count a death too).
+        window = max(1, sum(w["nthreads"] for w in client.scheduler_info()["workers"].values()))
+        waiting, futures = iter(todo), {}
+
+        def submit(submission):
+            future = client.submit(task, submission, lab, options, private, pure=False, retries=1,
+                                   key=f"grade-{submission.name}-{submission.sha256[:12]}")
+            futures[future] = submission
+            return future
+
+        running = as_completed([submit(s) for s in itertools.islice(waiting, window)])
+        for future in running:
+            submission = futures.pop(future)
             try:
                 graded = future.result()
             except KilledWorker:
                 graded = failed(submission, lab, f"the submission's run killed {ALLOWED_FAILURES + 1} Dask workers "
-                                            "in a row (or their machines were lost); it was not graded")
+                                                 "in a row (or their machines were lost); it was not graded")
             except Exception as err:                        # noqa: BLE001 - the task itself failed
                 graded = failed(submission, lab, f"the grading task failed on the cluster: {type(err).__name__}: {err}")
+            following = next(waiting, None)
+            if following is not None:
+                running.add(submit(following))
             yield graded
     finally:
         client.close()
