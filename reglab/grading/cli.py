@@ -1,10 +1,14 @@
 """Grading room, the command line (`python -m reglab.grade`): many submissions in worker processes, or one self-check.
 
     python -m reglab.grade dropout submissions/ --out grades/ [--workers 2] [--tests private/]
+    python -m reglab.grade dropout submissions/ --out grades/ --scheduler tcp://host:8786   # on a Dask cluster
     python -m reglab.grade --self-check labs/01_dropout_lab.ipynb      # a student's public checks
+    python -m reglab.grade export grades/ --format gradescope|canvas|csv [--roster roster.csv]
+    python -m reglab.grade gradescope-bundle dropout --out autograder.zip [--tests private/]
 
 Each submission is validated here (no code runs), then one worker process runs it start to end
-(`reglab.grading.run`) while this process keeps the gradebook.
+(`reglab.grading.run`) while this process keeps the gradebook; with --scheduler the runs are Dask
+tasks on a cluster instead (`reglab.grading.cluster`).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import time
 from pathlib import Path
 
 from reglab import checks as check_registry
+from reglab.grading import cluster
 from reglab.grading.gradebook import Gradebook, find_submissions, lock
 from reglab.grading.judge import not_run, one_line
 from reglab.grading.lab import Lab, infer_lab, load_lab, load_private_tests
@@ -62,18 +67,20 @@ def sandbox_uid(choice: str, sandboxed: bool = True) -> int | None:
 
 
 def grade(lab: Lab, submissions: list[tuple[Path, str]], out: Path, options: Options, workers: int = 1,
-          force: bool = False, tests_dir: Path | None = None, log=print) -> list[Graded]:
-    """Grade submissions into out; returns what was graded in this run (skipped ones excluded)."""
+          force: bool = False, tests_dir: Path | None = None, log=print, scheduler: str | None = None) -> list[Graded]:
+    """Grade submissions into out; returns what was graded in this run (skipped ones excluded).
+    scheduler: a Dask scheduler's address, or 'local' for a LocalCluster of `workers` processes
+    (`reglab.grading.cluster`); None grades in a process pool here."""
     out = Path(out)
     problem = unavailable(DEFAULT_UID if options.uid is None else options.uid) if options.sandbox else ""
     if problem:                              # fail closed: no student code runs outside the sandbox unasked
         raise ValueError(problem)
     out.mkdir(parents=True, exist_ok=True)
     with lock(out):
-        return _grade_unlocked(lab, submissions, out, options, workers, force, tests_dir, log)
+        return _grade_unlocked(lab, submissions, out, options, workers, force, tests_dir, log, scheduler)
 
 
-def _grade_unlocked(lab, submissions, out, options, workers, force, tests_dir, log) -> list[Graded]:
+def _grade_unlocked(lab, submissions, out, options, workers, force, tests_dir, log, scheduler) -> list[Graded]:
     book = Gradebook(out, lab)
     for line in book.warnings:
         log(f"warning: {line}")
@@ -92,39 +99,52 @@ def _grade_unlocked(lab, submissions, out, options, workers, force, tests_dir, l
             todo.append(submission)
     if not todo:
         return done
-    workers = min(workers, len(todo))
+    start, finished = time.perf_counter(), 0
+    results = (cluster.grade_many(todo, lab, options, scheduler, workers, worker_failed) if scheduler
+               else _pool(todo, lab, options, min(workers, len(todo)), tests_dir))
+    try:
+        for graded in results:
+            book.record(graded)
+            restore(book, log)
+            done.append(graded)
+            finished += 1
+            log(f"[{finished}/{len(todo)}] {graded.name}: {graded.status}, {graded.score}/{lab.max_score} "
+                f"in {graded.seconds:.1f} s ({graded.reason})")
+    finally:
+        results.close()                       # a generator: stops the workers if we leave early (Ctrl-C)
+        restore(book, log)
+    where = f"on the Dask cluster {scheduler}" if scheduler else f"with {min(workers, len(todo))} worker(s)"
+    log(f"ran {len(todo)} submission(s) in {time.perf_counter() - start:.1f} s {where}; gradebook: {book.csv_path}")
+    return done
+
+
+def worker_failed(submission: Submission, lab: Lab, reason: str) -> Graded:
+    """The `error` row of a submission whose worker (not its notebook) failed."""
+    return Graded(submission.name, "error", reason, not_run(lab, "the grader failed"), submission.sha256, 0.0)
+
+
+def _pool(todo: list[Submission], lab: Lab, options: Options, workers: int, tests_dir):
+    """Grade in a pool of worker processes on this machine; yields each result as it finishes."""
     context = multiprocessing.get_context("spawn")
     slots = context.Queue()
     for slot in range(workers):
         slots.put(slot)
-    start, finished = time.perf_counter(), 0
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
                                                   initargs=(lab, str(tests_dir) if tests_dir else None, slots))
     try:
         futures = {pool.submit(_grade_in_worker, submission, options): submission for submission in todo}
         for future in concurrent.futures.as_completed(futures):
-            name = futures[future].name
             try:
-                graded = future.result()
+                yield future.result()
             except Exception as err:                 # noqa: BLE001 - the worker itself failed
-                graded = Graded(name, "error", f"the grader's worker failed: {type(err).__name__}: {one_line(err, 200)}",
-                                not_run(lab, "the grader failed"), futures[future].sha256, 0.0)
-            book.record(graded)
-            restore(book, log)
-            done.append(graded)
-            finished += 1
-            log(f"[{finished}/{len(todo)}] {name}: {graded.status}, {graded.score}/{lab.max_score} "
-                f"in {graded.seconds:.1f} s ({graded.reason})")
+                yield worker_failed(futures[future], lab, f"the grader's worker failed: {type(err).__name__}: "
+                                                          f"{one_line(err, 200)}")
     except BaseException:
         for process in list(getattr(pool, "_processes", {}).values()):   # stop workers mid-submission
             process.terminate()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        restore(book, log)
-    log(f"ran {len(todo)} submission(s) in {time.perf_counter() - start:.1f} s with {workers} worker(s); "
-        f"gradebook: {book.csv_path}")
-    return done
 
 
 def restore(book: Gradebook, log) -> None:
@@ -150,6 +170,13 @@ def self_check(notebook: Path, lab_name_or_path: str | None, options: Options, t
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "export":
+        from reglab.grading import export
+        return export.main(argv[1:])
+    if argv and argv[0] in ("gradescope-bundle", "gradescope-run"):
+        from reglab.grading import gradescope
+        return gradescope.main(argv)
     parser = argparse.ArgumentParser(prog="python -m reglab.grade", description=DESCRIPTION,
                                      epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("lab", nargs="?", help="a lab's short name (dropout, ...) or its solution notebook's path")
@@ -160,6 +187,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tests", metavar="DIR", help="folder of private test files: each adds Checks and lists "
                         "CHECKS = [(check id, object name), ...]")
     parser.add_argument("--workers", type=int, metavar="N", default=1, help="submissions graded at once (default 1)")
+    parser.add_argument("--scheduler", metavar="ADDRESS", help="grade on a Dask cluster: a scheduler's address "
+                        "(tcp://host:8786) or 'local' for a LocalCluster of --workers processes")
     parser.add_argument("--force", action="store_true", help="regrade submissions the gradebook already has")
     parser.add_argument("--timeout", type=float, metavar="S", default=300.0, help="seconds per submission (default 300)")
     parser.add_argument("--memory-mb", type=int, metavar="MB", default=4096, help="memory cap per process (default 4096)")
@@ -197,7 +226,8 @@ def main(argv=None) -> int:
           f"{lab.max_score} points; budget {options.budget}, timeout {options.timeout_s:g} s, memory {options.memory_mb} MB")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        grade(lab, submissions, Path(args.out), options, args.workers, args.force, tests_dir)
+        grade(lab, submissions, Path(args.out), options, args.workers, args.force, tests_dir,
+              scheduler=args.scheduler)
     except KeyboardInterrupt:
         print("interrupted: the gradebook holds every submission graded so far", file=sys.stderr)
         return 130

@@ -142,8 +142,15 @@ def write_labs(solutions_dir: Path = SOLUTIONS, labs_dir: Path = LABS) -> list[P
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reglab.labs", description=DESCRIPTION)
     parser.add_argument("--check", action="store_true", help="exit 1 if labs/ is stale instead of writing it")
+    parser.add_argument("--nbgrader", metavar="COURSE_DIR", help="write each lab as an nbgrader source notebook "
+                        "(COURSE_DIR/source/<lab>/) instead")
     args = parser.parse_args(argv)
     try:
+        if args.nbgrader:
+            from reglab.grading.nbgrader import write_course
+            for path in write_course(Path(args.nbgrader), sorted(SOLUTIONS.glob("*.ipynb"))):
+                print(f"wrote {path}")
+            return 0
         if args.check:
             problems = stale_labs()
             for line in problems:

@@ -3,7 +3,8 @@
 Results in DIR: `grades.csv` (one row per submission: submission, status, score, max_score, reason,
 sha256, then the points earned per check), `feedback/<submission>.md` (each failed check with the
 misconception its judge names; hidden and private checks show their summary and verdict, never their
-code) and `executed/<submission>.ipynb`. The grader keeps the gradebook in memory and rewrites it
+code), `executed/<submission>.ipynb`, and `results/<submission>.json` (the row with each check's kind,
+points and message: what `reglab.grading.export` turns into Gradescope's, Canvas's and other formats). The grader keeps the gradebook in memory and rewrites it
 atomically after each submission (and any of its files a submission changed); a rerun skips rows
 already graded (or invalid) for the same file unless --force; one grader at a time writes to an output
 folder (a lock file).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import re
 import shutil
@@ -52,6 +54,15 @@ def feedback(graded: Graded, lab: Lab) -> str:
     else:
         lines += ["", "The notebook was not run. Fix the problem above and submit again."]
     return "\n".join(lines) + "\n"
+
+
+def result_record(graded: Graded, lab: Lab) -> dict:
+    """One submission's machine-readable record: its row, and each check with its kind and message."""
+    return {"submission": graded.name, "lab": lab.name, "status": graded.status, "reason": graded.reason,
+            "score": graded.score, "max_score": lab.max_score, "sha256": graded.sha256,
+            "seconds": round(graded.seconds, 2),
+            "checks": [{"id": v.check.id, "kind": v.check.kind, "points": v.check.points, "earned": v.earned,
+                        "summary": v.check.summary, "message": v.message} for v in graded.verdicts]}
 
 
 def slug(relative: Path) -> str:
@@ -122,7 +133,8 @@ class Gradebook:
         for row in rows:
             if row.get("status") in STATUSES and row.get("submission"):
                 self.rows[row["submission"]] = {k: v or "" for k, v in row.items() if k}
-                for rel in (Path("feedback") / f"{row['submission']}.md", Path("executed") / f"{row['submission']}.ipynb"):
+                name = row["submission"]
+                for rel in (Path("feedback") / f"{name}.md", Path("executed") / f"{name}.ipynb", Path("results") / f"{name}.json"):
                     try:
                         self.files[self.out / rel] = (self.out / rel).read_bytes()
                     except OSError:
@@ -168,6 +180,8 @@ class Gradebook:
         row.update({v.check.id: "" if v.earned is None else str(v.earned) for v in graded.verdicts})
         self.rows[graded.name] = row
         self._write(self.out / "feedback" / f"{graded.name}.md", feedback(graded, self.lab).encode("utf-8"))
+        self._write(self.out / "results" / f"{graded.name}.json",
+                    (json.dumps(result_record(graded, self.lab), indent=1) + "\n").encode("utf-8"))
         executed = self.out / "executed" / f"{graded.name}.ipynb"
         if graded.executed is not None:
             self._write(executed, graded.executed.encode("utf-8"))
