@@ -17,6 +17,7 @@ from reglab.checks import REGISTRY, CheckFailed, get
 from reglab.topics.capstone import checks as capstone_checks
 from reglab.topics.claims import BASES, CLAIMS, VERDICTS, by_id, notebook_numbers
 from reglab.topics.capstone.lora import LoRALinear, add_lora, merge_lora, trainable_parameters
+from reglab.data import interleaved_split
 from reglab.model import DROPOUT_SITES, GPT, GPTConfig
 from reglab.topics.capstone.recipes import FINETUNING, PRETRAINING, PUBLISHED_DECAY, decay_per_step
 from reglab.train import TrainConfig, lr_at
@@ -492,7 +493,7 @@ def test_verdicts_compare_against_the_seed_noise():
 
 def test_interleaved_split_holds_out_every_tenth_chunk_and_loses_nothing():
     tokens = torch.arange(1000)
-    train, val = capstone.interleaved_split(tokens, chunk=10, every=10)
+    train, val = interleaved_split(tokens, chunk=10, every=10)
     assert len(train) + len(val) == 1000 and len(val) == 100
     assert set(train.tolist()).isdisjoint(val.tolist())
     assert val[:10].tolist() == list(range(50, 60))          # the middle chunk of the first group

@@ -23,7 +23,7 @@ from reglab.topics.dropout.lecture import (  # noqa: E402
     derived_batchnorm_shift, derived_moments, dropout_cost, dropout_statistics, dropped_fraction_by_site,
     norm_variance_shift, saved_tensor_bytes, show_dropout, step_times, training_step_flops,
     variance_standard_error)
-from reglab.topics.dropout.lab import SETTINGS, figures, lab_settings, show_sweep, summarize  # noqa: E402
+from reglab.topics.dropout.lab import SETTINGS, figures, settings_for, show_sweep, summarize  # noqa: E402
 from reglab.model import DROPOUT_SITES, GPT, GPTConfig  # noqa: E402
 from reglab.topics.dropout.recall import IGNORE, recall_accuracy, recall_metrics, recall_task  # noqa: E402
 from reglab.train import TrainConfig, new_model, train  # noqa: E402
@@ -552,7 +552,7 @@ def test_trainer_accepts_the_recall_task_and_reports_recall():
 
 def test_every_budget_has_settings_that_make_the_labs_comparisons():
     for budget in ("ci", "cpu", "gpu"):
-        s = lab_settings(budget)
+        s = settings_for(budget)
         assert 0.0 in s.ps and s.site_p in s.ps and s.compare_p in s.ps
     assert SETTINGS["gpu"].n_seeds >= 2
 

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 import reglab.topics.label_smoothing.checks as checks_module
 from reglab.checks import REGISTRY, CheckFailed, check
+from reglab.topics.label_smoothing.lab import SETTINGS, model_config
 from reglab.topics.label_smoothing.lecture import (
-    SETTINGS, BagOfTokens, expected_calibration_error, fit_temperature, label_smoothed_cross_entropy,
-    logit_gap, model_config, optimal_logit_gap, optimal_true_probability, reliability_data, smoothed_target,
-    true_class_gradient_limit)
+    BagOfTokens, expected_calibration_error, fit_temperature, label_smoothed_cross_entropy, logit_gap,
+    optimal_logit_gap, optimal_true_probability, reliability_data, smoothed_target, true_class_gradient_limit)
 
 CHECK_IDS = sorted(k for k in REGISTRY if k.startswith("label_smoothing."))
 

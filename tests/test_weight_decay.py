@@ -10,6 +10,7 @@ import matplotlib
 import pytest
 import torch
 
+from reglab.topics.weight_decay import lab as wd_lab
 from reglab.topics.weight_decay import lecture as wd
 from reglab.checks import REGISTRY, CheckFailed, check, get
 from reglab.topics.weight_decay import checks as wd_checks
@@ -332,38 +333,38 @@ def test_half_life_halves_and_refuses_bad_input():
 
 def test_grokking_settings_cover_every_budget_and_runs_are_labelled():
     for budget in ("ci", "cpu", "gpu"):
-        settings = wd.grokking_settings(budget)
-        runs = wd.grokking_runs(settings)
+        settings = wd_lab.settings_for(budget)
+        runs = wd_lab.grokking_runs(settings)
         assert list(runs) == ["AdamW λ=0", "AdamW λ=0.1", "AdamW λ=1", "Adam+L2 λ=1", "Adam+L2 λ=0.01"]
         assert [c.weight_decay for _, c in runs.values()] == [0.0, 0.1, 1.0, 1.0, 0.01]
         assert [c.optimizer for _, c in runs.values()] == ["adamw"] * 3 + ["adam_l2"] * 2
         assert all(c.steps == settings.max_steps and c.grad_clip is None for _, c in runs.values())
-    assert len(wd.grokking_settings("gpu").seeds) >= 2
+    assert len(wd_lab.settings_for("gpu").seeds) >= 2
 
 
 def test_held_above_stops_a_run_early():
-    settings = wd.grokking_settings("ci")
+    settings = wd_lab.settings_for("ci")
     from reglab.data import modular_addition
     task = modular_addition(settings.modulus, settings.train_fraction)
-    model = new_model(wd.grokking_model(settings))
+    model = new_model(wd_lab.grokking_model(settings))
     config = TrainConfig(steps=100, eval_every=5, progress=False)
-    history = train(model, task, config, stop_when=wd.held_above("train_acc", 0.0, 2))
+    history = train(model, task, config, stop_when=wd_lab.held_above("train_acc", 0.0, 2))
     assert history.final["step"] == 10 and len(history.loss) == 10
 
 
 def test_run_grokking_ci_summary_and_plots():
-    settings = wd.grokking_settings("ci")
-    results = wd.run_grokking(settings, progress=False)
-    summary = wd.grokking_summary(results, settings)
+    settings = wd_lab.settings_for("ci")
+    results = wd_lab.run_grokking(settings, progress=False)
+    summary = wd_lab.grokking_summary(results, settings)
     assert set(summary) == set(results)
     for label, row in summary.items():
         assert len(row["grok_step"]) == len(settings.seeds)
         assert all(isinstance(s, int) or s.startswith("not within") for s in row["grok_step"])
         assert all(n > 0 for n in row["final_matrix_norm"])
-    wd.plot_grokking(results)
-    wd.show_grokking(results, "AdamW λ=1")
+    wd_lab.plot_grokking(results)
+    wd_lab.show_grokking(results, "AdamW λ=1")
     with pytest.raises(ValueError, match="setting must be one of"):
-        wd.show_grokking(results, "SGD")
+        wd_lab.show_grokking(results, "SGD")
 
 
 def test_show_decay_draws_and_prints(capsys):
@@ -374,4 +375,4 @@ def test_show_decay_draws_and_prints(capsys):
 def test_matrix_norm_counts_only_decayed_tensors():
     model = GPT(GPTConfig(vocab_size=5, block_size=3, n_layer=1, n_head=1, n_embd=4))
     expected = math.sqrt(sum(float(p.detach().pow(2).sum()) for p in model.parameters() if p.dim() >= 2))
-    assert wd.matrix_norm(model)["matrix_norm"] == pytest.approx(expected, rel=1e-6)
+    assert wd_lab.matrix_norm(model)["matrix_norm"] == pytest.approx(expected, rel=1e-6)
