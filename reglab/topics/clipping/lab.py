@@ -18,7 +18,7 @@ import torch
 from reglab.budget import by_budget
 from reglab.model import GPTConfig
 from reglab.plots import colors_for, plot_highlighted
-from reglab.topics.clipping.lecture import find_spikes, fraction_clipped
+from reglab.topics.clipping.lecture import SPIKE_FACTOR, SPIKE_WINDOW, find_spikes, fraction_clipped  # noqa: F401 (SPIKE_*: the definition the lab states)
 from reglab.train import Run, TrainConfig, sweep
 
 
