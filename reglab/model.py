@@ -1,4 +1,4 @@
-"""The course transformer: a small decoder-only GPT with a dropout knob at every site the course discusses.
+"""Core: the course transformer, a small decoder-only GPT with a dropout knob at every site the course discusses.
 
 Read it top to bottom like a chapter: config, normalization, attention, feed-forward, block, model.
 Dropout is only ever active in train mode (`model.train()`); `model.eval()` makes every forward

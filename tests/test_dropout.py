@@ -480,12 +480,31 @@ def test_dropout_skips_no_flops_and_stores_its_masks():
     assert saved_tensor_bytes(on, idx) > saved_tensor_bytes(off, idx)
 
 
-def test_step_time_measurement_returns_one_time_per_step():
+def test_step_times_brackets_each_timed_step_and_skips_the_warmup(monkeypatch):
+    """A clock that returns call_index**2: step i (warm-up included) reads it at calls 2i and 2i + 1, so it
+    lasts (2i + 1)^2 - (2i)^2 = 4i + 1. With one warm-up step the timed steps are i = 1, 2, 3."""
+    import reglab.topics.dropout.lecture as lecture
+    calls = iter(range(10_000))
+    monkeypatch.setattr(lecture.time, "perf_counter", lambda: float(next(calls)) ** 2)
     config = GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_embd=16)
-    times = step_times(config, batch_size=2, steps=3, warmup=1)
-    assert len(times) == 3 and all(t > 0 for t in times)
-    cost = dropout_cost(config, 0.2, batch_size=2, steps=2, rounds=1)
-    assert cost["ratio"] == pytest.approx(cost["step_s_on"] / cost["step_s_off"]) and cost["steps_timed"] == 2
+    assert step_times(config, batch_size=2, steps=3, warmup=1) == [5.0, 9.0, 13.0]
+
+
+def test_dropout_cost_alternates_the_settings_and_compares_medians(monkeypatch):
+    """With step_times replaced by fixed times, the cost is the ratio of the two medians, and the settings
+    alternate round by round (off, on, off, on, ...) so that a change of load falls on both."""
+    import reglab.topics.dropout.lecture as lecture
+    order, times = [], {0.0: [[1.0, 9.0, 1.0], [2.0, 1.0, 1.0]], 0.2: [[3.0, 3.0, 30.0], [2.5, 3.0, 3.0]]}
+
+    def fake_step_times(config, batch_size, steps, device="cpu", seed=0):
+        order.append((config.resid_dropout, seed))
+        return times[config.resid_dropout][seed]
+
+    monkeypatch.setattr(lecture, "step_times", fake_step_times)
+    cost = dropout_cost(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_embd=16), 0.2, steps=3, rounds=2)
+    assert order == [(0.0, 0), (0.2, 0), (0.0, 1), (0.2, 1)]
+    assert (cost["step_s_off"], cost["step_s_on"], cost["steps_timed"]) == (1.0, 3.0, 6)
+    assert cost["ratio"] == 3.0
 
 
 def test_show_dropout_prints_measured_and_derived(capsys):

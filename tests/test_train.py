@@ -67,29 +67,6 @@ def test_adamw_step_matches_torch_adamw_with_the_same_groups(tiny_config, tokens
         torch.testing.assert_close(pa, pb)
 
 
-def torch_schedule(config: TrainConfig) -> list[float]:
-    """The same schedule from PyTorch's own schedulers: LinearLR from lr / W up to lr over the warmup, then
-    CosineAnnealingLR from lr down to the floor at the last step (or a constant lr)."""
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)
-    W = config.warmup_steps
-    after = (torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-             if config.schedule == "constant" else
-             torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps - 1 - W, eta_min=config.lr_floor))
-    scheduler = after if W == 0 else torch.optim.lr_scheduler.SequentialLR(optimizer, [
-        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / W, end_factor=1.0, total_iters=W - 1), after],
-        milestones=[W])
-    lrs = []
-    for _ in range(config.steps):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    return lrs
-
-
-@pytest.mark.parametrize("config", [TrainConfig(steps=110, lr=1.0, min_lr=0.1, warmup_steps=10),
-                                    TrainConfig(steps=300, lr=3e-3, warmup_steps=30),      # floor lr / 10
-                                    TrainConfig(steps=50, lr=1e-2, warmup_steps=0),
-                                    TrainConfig(steps=40, lr=1e-2, warmup_steps=8, schedule="constant")])
 def test_capturable_learning_rate_lives_on_the_models_device(tiny_config):
     """CUDA graphs read the lr from a device tensor: it must sit where the model is (cuda:1 is not "cuda")."""
     from reglab.train import make_optimizer
@@ -98,7 +75,11 @@ def test_capturable_learning_rate_lives_on_the_models_device(tiny_config):
                for group in optimizer.param_groups)
 
 
-def test_schedule_equals_torchs_linear_warmup_then_cosine_annealing(config):
+@pytest.mark.parametrize("config", [TrainConfig(steps=110, lr=1.0, min_lr=0.1, warmup_steps=10),
+                                    TrainConfig(steps=300, lr=3e-3, warmup_steps=30),      # floor lr / 10
+                                    TrainConfig(steps=50, lr=1e-2, warmup_steps=0),
+                                    TrainConfig(steps=40, lr=1e-2, warmup_steps=8, schedule="constant")])
+def test_schedule_equals_torchs_linear_warmup_then_cosine_annealing(config, torch_schedule):
     assert [lr_at(t, config) for t in range(config.steps)] == pytest.approx(torch_schedule(config), rel=1e-9)
 
 
