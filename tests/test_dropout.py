@@ -481,13 +481,16 @@ def test_dropout_skips_no_flops_and_stores_its_masks():
 
 
 def test_step_times_brackets_each_timed_step_and_skips_the_warmup(monkeypatch):
-    """A clock that returns call_index**2: step i (warm-up included) reads it at calls 2i and 2i + 1, so it
-    lasts (2i + 1)^2 - (2i)^2 = 4i + 1. With one warm-up step the timed steps are i = 1, 2, 3."""
+    """A clock that returns call_index**2. The warm-up step reads it once (call 0, its start) and is not
+    timed; timed step k = 1, 2, 3 reads it at calls 2k - 1 and 2k, so it lasts (2k)^2 - (2k - 1)^2 = 4k - 1.
+    Timing the warm-up, or reading the clock anywhere else in the step, would change these numbers."""
+    from types import SimpleNamespace
+
     import reglab.topics.dropout.lecture as lecture
     calls = iter(range(10_000))
-    monkeypatch.setattr(lecture.time, "perf_counter", lambda: float(next(calls)) ** 2)
+    monkeypatch.setattr(lecture, "time", SimpleNamespace(perf_counter=lambda: float(next(calls)) ** 2))
     config = GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_embd=16)
-    assert step_times(config, batch_size=2, steps=3, warmup=1) == [5.0, 9.0, 13.0]
+    assert step_times(config, batch_size=2, steps=3, warmup=1) == [3.0, 7.0, 11.0]
 
 
 def test_dropout_cost_alternates_the_settings_and_compares_medians(monkeypatch):
