@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from reglab.model import DROPOUT_SITES, GPT, GPTConfig, RMSNorm
 
