@@ -1,4 +1,4 @@
-"""Core, and safe to skip on a first reading: replaying the training step as one CUDA graph makes it fast, not different.
+"""Core, safe to skip on a first reading: the training step replayed as one CUDA graph, fast but not different.
 
 A small model on a GPU is launch-bound: a step is ~150 short kernels, each paying a launch. Capturing
 the whole step (forward, backward, clipping, optimizer) once as a CUDA graph and replaying it costs one

@@ -1,6 +1,7 @@
 """Core: the one training loop of every lab, and the one sweep runner over settings and seeds.
 
-The loop: AdamW with decay/no-decay groups, warmup + cosine, clipping, evaluation. A step, in order:  set lr -> forward -> loss -> backward -> clip (log the pre-clip norm) -> optimizer step.
+The loop: AdamW with decay/no-decay groups, warmup + cosine, clipping, evaluation. A step, in order:
+set lr -> forward -> loss -> backward -> clip (log the pre-clip norm) -> optimizer step.
 Per step the history keeps the loss, the pre-clip gradient norm and the learning rate; per evaluation
 the train and val loss and accuracy and the total weight norm. Per-step values stay on the device until
 an evaluation, so a small model on a GPU is not slowed by a host sync every step. On CUDA the same step

@@ -192,7 +192,7 @@ def finetune(pretraining: Pretraining, ft_task: LMTask, settings: CapstoneSettin
 
     runs: dict[str, list[Run]] = {label: [] for label in finetune_labels(settings)}
     for index, pretrained in enumerate(pretraining.models["dropout 0"]):
-        setups = {label: (lambda s, label=label: finetune_model(pretrained, label, settings),
+        setups = {label: (lambda s, label=label, pretrained=pretrained: finetune_model(pretrained, label, settings),
                           FINETUNING.train_config(settings.finetune_steps, lr(label),
                                                   eval_every=settings.finetune_eval_every))
                   for label in runs}

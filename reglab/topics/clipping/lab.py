@@ -1,4 +1,4 @@
-"""Topic gradient clipping, lab: the course transformer at a learning rate too high for it, without warmup, swept over the threshold c.
+"""Topic gradient clipping, lab: the course transformer at too high a learning rate, no warmup, swept over the clip c.
 
 SGD with momentum at several thresholds c (the clip bounds its step), the same with a warmup instead,
 and a pair of AdamW runs without and with c = 1; settings per budget (`SETTINGS`, picked with
@@ -18,7 +18,8 @@ import torch
 from reglab.budget import by_budget
 from reglab.model import GPTConfig
 from reglab.plots import colors_for, plot_highlighted
-from reglab.topics.clipping.lecture import SPIKE_FACTOR, SPIKE_WINDOW, find_spikes, fraction_clipped  # noqa: F401 (SPIKE_*: the definition the lab states)
+# SPIKE_FACTOR and SPIKE_WINDOW: the spike definition the lab's record states
+from reglab.topics.clipping.lecture import SPIKE_FACTOR, SPIKE_WINDOW, find_spikes, fraction_clipped  # noqa: F401
 from reglab.train import Run, TrainConfig, sweep
 
 
@@ -165,7 +166,7 @@ def _plot_loss_and_norm(left, right, results: dict[str, list[Run]], colors: dict
 
 
 def plot_sweep(results: dict[str, list[Run]], colors: dict | None = None):
-    """Left: training loss per step (every seed, triangles at spikes); right: the pre-clip gradient norm per step (log axis)."""
+    """Left: training loss per step (every seed; triangles: spikes); right: pre-clip gradient norm (log axis)."""
     colors = colors or colors_for(results)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8))
     _plot_loss_and_norm(left, right, results, colors)

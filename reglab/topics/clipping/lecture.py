@@ -1,4 +1,4 @@
-"""Topic gradient clipping, lecture: scale the whole gradient down to norm c when it is longer, and measure what that does.
+"""Topic gradient clipping, lecture: scale the whole gradient down to norm c when it is longer; measure what that does.
 
 - `clip_grad_norm` is the reference global-norm clipping (what `torch.nn.utils.clip_grad_norm_` does);
   `clip_grad_norm_per_tensor` and `clip_grad_value` are the variants that change the gradient's direction.

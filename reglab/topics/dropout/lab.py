@@ -1,4 +1,4 @@
-"""Topic dropout, lab: the lab's experiments, with per-budget settings in one place and the small runners its cells call.
+"""Topic dropout, lab: the lab's experiments, with per-budget settings in one place and the runners its cells call.
 
 Four experiments on the course model (reglab.model.GPT, whose dropout is PyTorch's):
 1. small data, many epochs: sweep p, watch train and val loss part (the overfitting regime);

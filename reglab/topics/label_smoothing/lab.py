@@ -1,4 +1,4 @@
-"""Topic label smoothing, lab: sweep alpha on a noisy classification task and measure calibration (ECE) and the logit gap.
+"""Topic label smoothing, lab: sweep alpha on a noisy classification task; measure calibration (ECE) and the logit gap.
 
 Per-budget settings (`SETTINGS`, picked with `settings_for`), the lab's task (`calibration_task`, a
 `BagOfTokens` split three ways), the sweep (through `reglab.train.sweep`), its metrics and record, and

@@ -1,4 +1,4 @@
-"""Topic weight decay, lab: grokking on modular addition, where weight decay decides whether the course transformer generalizes.
+"""Topic weight decay, lab: grokking on modular addition, where weight decay decides whether the model generalizes.
 
 Settings per budget (`SETTINGS`, picked with `settings_for`), the runs (through `reglab.train.sweep`),
 the step at which test accuracy passes 99%, and the lab's plots.
