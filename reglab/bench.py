@@ -1,4 +1,4 @@
-"""Benchmarks that print figures: the trainer's speed, and a lab's wall time and results.
+"""Core: benchmarks that print figures, the trainer's speed and a lab's wall time and results.
 
     python -m reglab.bench model [--n-layer 6 --n-head 6 --n-embd 384 --block-size 256 --batch-size 64
                                   --steps 50 --compile]

@@ -1,4 +1,4 @@
-"""Budgets and devices: how big an experiment is allowed to be, and where it runs.
+"""Core: budgets and devices, how big an experiment is allowed to be and where it runs.
 
 - `ci`:  seconds on 2 CPU cores (CI and grading); the numbers are tiny, the code paths are real.
 - `cpu`: minutes on a laptop; the lab's effect must already be visible.

@@ -1,4 +1,4 @@
-"""Checks of a student's implementation, split so that nothing the student's code runs can forge a pass.
+"""Core: the check protocol, a check of a student's implementation split so that nothing the student's code runs can forge a pass.
 
 A check has two halves:
 - `probe(obj) -> dict`: runs the student's object (class or function) on inputs the probe makes

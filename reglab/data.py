@@ -1,4 +1,4 @@
-"""Data the course trains on, made or derived on the spot: nothing is downloaded.
+"""Core: the data every lab trains on, made or derived on the spot (nothing is downloaded).
 
 - A character-level corpus built from English prose that ships with every Python installation
   (the standard library's help topics, `pydoc_data.topics`, about 465k characters), or any UTF-8
@@ -80,6 +80,16 @@ def split_tokens(tokens: torch.Tensor, val_fraction: float = 0.1) -> tuple[torch
     return tokens[:n_train], tokens[n_train:]
 
 
+def interleaved_split(tokens: torch.Tensor, chunk: int = 128, every: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut tokens into chunks of `chunk`; every `every`-th chunk (from the middle one of each group)
+    validates, the rest trains. Unlike a cut at 90%, validation text then comes from all over the text
+    (e.g. from every module's docstrings), not from whatever happens to come last."""
+    pieces = list(torch.split(tokens, chunk))
+    val = [piece for i, piece in enumerate(pieces) if i % every == every // 2]
+    train = [piece for i, piece in enumerate(pieces) if i % every != every // 2]
+    return torch.cat(train), torch.cat(val)
+
+
 class LMTask:
     """Next-token prediction on a token stream: x is a window of block_size tokens, y the same shifted by one.
 
@@ -105,6 +115,11 @@ class LMTask:
         n_windows = (len(train) - 1) // block_size
         self._pass_order = (torch.randperm(n_windows, generator=gen) * block_size).to(device)
         self._offsets = torch.arange(block_size + 1, device=self.device)
+
+    @property
+    def train_tokens(self) -> int:
+        """Distinct tokens in the training stream: what an epoch goes through."""
+        return len(self.streams["train"])
 
     @property
     def single_pass_steps(self) -> int:
@@ -147,6 +162,11 @@ class ClassificationTask:
         self.batch_size, self.eval_chunk = batch_size, eval_chunk
         self.device = torch.device(device)
 
+    @property
+    def train_tokens(self) -> int:
+        """Input tokens in the training split: what an epoch goes through."""
+        return self.splits["train"][0].numel()
+
     def train_batch(self, step: int, generator: torch.Generator):
         x, y = self.splits["train"]
         if self.batch_size is None or self.batch_size >= len(x):
@@ -161,17 +181,19 @@ class ClassificationTask:
 
 
 def corpus_task(corpus: str | Path = BUILTIN, block_size: int = 64, batch_size: int = 32,
-                max_train_chars: int | None = None, single_pass: bool = False, seed: int = 0,
-                device="cpu") -> tuple[Corpus, LMTask]:
+                max_train_chars: int | None = None, single_pass: bool = False, eval_batches: int = 8,
+                seed: int = 0, device="cpu") -> tuple[Corpus, LMTask]:
     """The character-level language-modelling task on a corpus (the labs' default).
 
     max_train_chars keeps only the first part of the train split: the small-data regime.
+    eval_batches: how many fixed batches each split is evaluated on.
     """
     text = load_corpus(corpus)
     train, val = split_tokens(text.encode(text.text))
     if max_train_chars is not None:
         train = train[:max_train_chars]
-    return text, LMTask(train, val, block_size, batch_size, single_pass=single_pass, seed=seed, device=device)
+    return text, LMTask(train, val, block_size, batch_size, single_pass=single_pass, eval_batches=eval_batches,
+                        seed=seed, device=device)
 
 
 def modular_addition(modulus: int = 97, train_fraction: float = 0.5, seed: int = 0,

@@ -1,4 +1,4 @@
-"""The course transformer: a small decoder-only GPT with a dropout knob at every site the course discusses.
+"""Core: the course transformer, a small decoder-only GPT with a dropout knob at every site the course discusses.
 
 Read it top to bottom like a chapter: config, normalization, attention, feed-forward, block, model.
 Dropout is only ever active in train mode (`model.train()`); `model.eval()` makes every forward
@@ -31,6 +31,7 @@ class GPTConfig:
     ffn_dropout: float = 0.0     # inside the FFN, after the activation
     resid_dropout: float = 0.0   # on each sublayer's output, before it is added to the residual
     # --- architecture choices ---
+    # Llama-style options: the weight-decay lab checks the decay split on such a block (RMSNorm, SwiGLU, no biases)
     norm: str = "layernorm"      # "layernorm" (GPT-2) or "rmsnorm" (Llama)
     mlp: str = "gelu"            # "gelu" (GPT-2) or "swiglu" (Llama, PaLM)
     bias: bool = True            # biases in Linear layers; Llama and PaLM drop them

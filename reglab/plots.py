@@ -1,4 +1,4 @@
-"""Plots shared by the labs: the same setting gets the same color everywhere in a notebook."""
+"""Core: the plots the labs share, where the same setting gets the same color everywhere in a notebook."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -25,4 +25,24 @@ def plot_eval_curves(ax, results: dict, key: str, colors: dict | None = None, st
         if len(histories) > 1:
             ax.fill_between(steps, values.min(0), values.max(0), color=colors[label], alpha=0.2)
     ax.set_xlabel("step")
+    return ax
+
+
+def plot_highlighted(ax, curves: dict, chosen=None, colors: dict | None = None, style: str = "-",
+                     legend: str | None = "{}", lw: float = 1.5):
+    """Every setting's curves, one line per seed; with `chosen`, that setting in full color and width on
+    top and every other faded in its own color, so one setting reads against the rest (the labs' sliders).
+
+    curves maps a label to a list of (x, y), one per seed. The first seed's line carries the legend
+    entry legend.format(label) (legend None: no entries). lw: line width when nothing is chosen.
+    """
+    colors = colors or colors_for(curves)
+    for label, per_seed in curves.items():
+        if chosen is None:
+            width, alpha, zorder = lw, 1.0, 2
+        else:
+            width, alpha, zorder = (2.0, 1.0, 3) if label == chosen else (1.0, 0.25, 1)
+        for i, (x, y) in enumerate(per_seed):
+            name = legend.format(label) if i == 0 and legend is not None else None
+            ax.plot(x, y, style, color=colors[label], lw=width, alpha=alpha, zorder=zorder, label=name)
     return ax

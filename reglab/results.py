@@ -1,4 +1,4 @@
-"""A lab's key figures as a machine-readable record, published from the notebook and read back from it.
+"""Core: a lab's key figures as a machine-readable record, published from the notebook and read back from it.
 
 `publish(record)` displays a JSON object under the MIME type `application/vnd.reglab.result+json`;
 the grader, the benchmark and the README's figures read it back from the executed notebook with

@@ -1,23 +1,27 @@
-"""One training loop for every lab: AdamW with decay/no-decay groups, warmup + cosine, clipping, evaluation.
+"""Core: the one training loop of every lab, and the one sweep runner over settings and seeds.
 
-A step, in order:  set lr -> forward -> loss -> backward -> clip (log the pre-clip norm) -> optimizer step.
+The loop: AdamW with decay/no-decay groups, warmup + cosine, clipping, evaluation. A step, in order:
+set lr -> forward -> loss -> backward -> clip (log the pre-clip norm) -> optimizer step.
 Per step the history keeps the loss, the pre-clip gradient norm and the learning rate; per evaluation
 the train and val loss and accuracy and the total weight norm. Per-step values stay on the device until
-an evaluation, so a small model on a GPU is not slowed by a host sync every step.
+an evaluation, so a small model on a GPU is not slowed by a host sync every step. On CUDA the same step
+is replayed as one CUDA graph (`reglab.graphs`, which a first reading can skip).
 """
 from __future__ import annotations
 
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Callable, Hashable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from reglab.model import GPT, GPTConfig
+from reglab.graphs import GraphedStep, can_graph
+from reglab.model import GPT, GPTConfig, RMSNorm
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,6 +77,11 @@ class TrainConfig:
         if isinstance(self.optimizer, str) and self.optimizer not in ("adamw", "adam_l2"):
             raise ValueError(f"optimizer must be 'adamw', 'adam_l2' or an Optimizer class, got {self.optimizer!r}")
 
+    @property
+    def lr_floor(self) -> float:
+        """Where the cosine ends: min_lr, or lr / 10 when min_lr is None (the one place that default lives)."""
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
 
 def lr_at(step: int, config: TrainConfig) -> float:
     """Linear warmup to lr over warmup_steps, then cosine from lr down to min_lr at the last step."""
@@ -80,33 +89,71 @@ def lr_at(step: int, config: TrainConfig) -> float:
         return config.lr * (step + 1) / config.warmup_steps
     if config.schedule == "constant":
         return config.lr
-    min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
+    min_lr = config.lr_floor
     # progress in [0, 1] over the steps after warmup
     progress = (step - config.warmup_steps) / max(1, config.steps - 1 - config.warmup_steps)
     return min_lr + 0.5 * (config.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only tensors with >= 2 dimensions (matrices, embeddings); never biases or norm gains.
+# minGPT's rule, by module type: the weights of these modules decay ...
+DECAY_MODULES = (nn.Linear, nn.Embedding)
+# ... and the gains of these do not (nor does any bias).
+NO_DECAY_MODULES = (nn.LayerNorm, RMSNorm)
 
-    Frozen parameters (requires_grad=False) are left out of both groups.
+
+def decays(module: nn.Module, name: str, p: torch.Tensor, decay_modules=DECAY_MODULES,
+           no_decay_modules=NO_DECAY_MODULES) -> bool:
+    """Whether parameter `name` of `module` (its own, not a submodule's) gets weight decay, by module type.
+
+    Biases never decay; Linear and Embedding weights do; norm gains do not. A parameter of any other
+    module (a LoRA adapter's A and B, say) has no type to go by and follows nanoGPT's rule, p.dim() >= 2.
     """
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    decay_params = [p for p in params.values() if p.dim() >= 2]
-    no_decay_params = [p for p in params.values() if p.dim() < 2]
-    decay_ids, no_decay_ids = {id(p) for p in decay_params}, {id(p) for p in no_decay_params}
-    assert not decay_ids & no_decay_ids, "a parameter is in both the decay and the no-decay group"
-    assert decay_ids | no_decay_ids == {id(p) for p in params.values()}, "a trainable parameter is in no group"
-    return [{"params": decay_params, "weight_decay": weight_decay},
-            {"params": no_decay_params, "weight_decay": 0.0}]
+    if name.endswith("bias"):
+        return False
+    if isinstance(module, decay_modules):
+        return True
+    if isinstance(module, no_decay_modules):
+        return False
+    return p.dim() >= 2
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_modules=DECAY_MODULES,
+                 no_decay_modules=NO_DECAY_MODULES) -> list[dict]:
+    """Two AdamW groups: [decayed (Linear and Embedding weights), not decayed (biases, norm gains)].
+
+    Each parameter is classified by the type of the module that owns it (`decays`, minGPT's rule) and
+    the result is checked against the dimension rule (decay iff p.dim() >= 2, nanoGPT's): a parameter
+    the two rules disagree on raises, as does one that lands in both groups. The tied LM head
+    (`head.weight is tok_emb.weight`) is one parameter owned by an Embedding and a Linear: both say
+    decay, so it is classified once and listed once. Frozen parameters (requires_grad=False) are in
+    neither group. Both groups keep the order of model.parameters().
+    """
+    decided: dict[int, bool] = {}
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            full_name = f"{module_name}.{name}" if module_name else name
+            decay = decays(module, name, p, decay_modules, no_decay_modules)
+            if decided.setdefault(id(p), decay) != decay:
+                raise AssertionError(f"{full_name} is in both the decay and the no-decay group (a shared parameter "
+                                     f"whose owners' types disagree)")
+            if decay != (p.dim() >= 2):
+                raise AssertionError(f"{full_name} ({type(module).__name__}, {p.dim()}-D) is classified "
+                                     f"{'decay' if decay else 'no decay'} by its module type, but the dimension "
+                                     f"rule (decay iff p.dim() >= 2) says {'no decay' if decay else 'decay'}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert all(id(p) in decided for p in trainable), "a trainable parameter is in no group"
+    return [{"params": [p for p in trainable if decided[id(p)]], "weight_decay": weight_decay},
+            {"params": [p for p in trainable if not decided[id(p)]], "weight_decay": 0.0}]
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, capturable: bool = False) -> torch.optim.Optimizer:
     """The optimizer over param_groups. capturable=True (CUDA graphs) keeps lr as a device tensor."""
     groups = param_groups(model, config.weight_decay)
-    on_cuda = next(model.parameters()).is_cuda
-    lr = torch.tensor(config.lr, device="cuda") if capturable else config.lr
-    extra = {"fused": on_cuda, "capturable": capturable}
+    device = next(model.parameters()).device
+    lr = torch.tensor(config.lr, device=device) if capturable else config.lr    # the model's device, not "cuda"
+    extra = {"fused": device.type == "cuda", "capturable": capturable}
     if config.optimizer == "adamw":
         # torch.optim.AdamW: theta <- theta * (1 - lr * wd), then the Adam step (decoupled decay)
         return torch.optim.AdamW(groups, lr=lr, betas=config.betas, eps=config.eps, **extra)
@@ -167,42 +214,20 @@ def _step(forward, optimizer, params, x, y, config: TrainConfig, device):
     return loss.detach(), norm
 
 
-class _GraphedStep:
-    """The whole step captured once as a CUDA graph, then replayed: one launch instead of ~150.
+def eager_step(forward, optimizer, params, task, config: TrainConfig, device) -> Callable:
+    """The step as plain PyTorch: step(x, y, lr) sets lr, zeroes the gradients, runs `_step`."""
+    def step(x, y, lr: float):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        return _step(forward, optimizer, params, x, y, config, device)
+    return step
 
-    Capture needs a warm-up step; it runs with lr = 0 (parameters unchanged) and the optimizer's
-    moments and step counts are reset afterwards, so the run is the same as the eager one.
-    """
 
-    def __init__(self, forward, optimizer, params, task, config, device):
-        self.optimizer = optimizer
-        x, y = task.train_batch(0, torch.Generator(device=device).manual_seed(0))   # shapes only
-        self.x, self.y = x.clone(), y.clone()
-        self._set_lr(0.0)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            _step(forward, optimizer, params, self.x, self.y, config, device)
-        torch.cuda.current_stream().wait_stream(side)
-        optimizer.zero_grad(set_to_none=True)      # backward in the graph writes fresh gradients
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss, self.norm = _step(forward, optimizer, params, self.x, self.y, config, device)
-        for state in optimizer.state.values():     # forget the warm-up step
-            for value in state.values():
-                if torch.is_tensor(value):
-                    value.zero_()
-
-    def _set_lr(self, lr: float):
-        for group in self.optimizer.param_groups:
-            group["lr"].fill_(lr)
-
-    def __call__(self, x, y, lr: float):
-        self.x.copy_(x)
-        self.y.copy_(y)
-        self._set_lr(lr)
-        self.graph.replay()
-        return self.loss, self.norm
+def graphed_step(forward, optimizer, params, task, config: TrainConfig, device) -> Callable:
+    """The same step captured once as a CUDA graph (reglab.graphs); step(x, y, lr) replays it."""
+    x, y = task.train_batch(0, torch.Generator(device=device).manual_seed(0))   # shapes only
+    return GraphedStep(lambda x, y: _step(forward, optimizer, params, x, y, config, device), optimizer, x, y)
 
 
 @dataclass
@@ -234,9 +259,6 @@ class History:
         """val loss - train loss at the last evaluation: how much the model overfits."""
         return self.final["val_loss"] - self.final["train_loss"]
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def train(model: torch.nn.Module, task, config: TrainConfig,
           on_eval: Callable[[torch.nn.Module], dict] | None = None, desc: str = "train",
@@ -250,13 +272,13 @@ def train(model: torch.nn.Module, task, config: TrainConfig,
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)                      # dropout masks
     generator = torch.Generator(device=device).manual_seed(config.seed)   # batches, sampled on the device
-    graphed = (config.cuda_graph and device.type == "cuda" and not config.compile
-               and isinstance(config.optimizer, str))
+    graphed = can_graph(device, config)
     optimizer = make_optimizer(model, config, capturable=graphed)
     params = [p for p in model.parameters() if p.requires_grad]
     forward = torch.compile(model) if config.compile else model
     model.train()
-    graphed_step = _GraphedStep(forward, optimizer, params, task, config, device) if graphed else None
+    make_step = graphed_step if graphed else eager_step      # chosen once: the loop below has one path
+    train_step = make_step(forward, optimizer, params, task, config, device)
     history = History()
     losses = torch.zeros(config.steps, device=device)        # on the device: no sync per step
     norms = torch.zeros(config.steps, device=device)
@@ -279,13 +301,7 @@ def train(model: torch.nn.Module, task, config: TrainConfig,
         x, y = task.train_batch(step, generator)
         lr = lr_at(step, config)
         history.lr.append(lr)
-        if graphed_step is not None:
-            losses[step], norms[step] = graphed_step(x, y, lr)
-        else:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            losses[step], norms[step] = _step(forward, optimizer, params, x, y, config, device)
+        losses[step], norms[step] = train_step(x, y, lr)
         history.tokens_seen += x.numel()
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             sync_and_check(step + 1)
@@ -302,20 +318,63 @@ def train(model: torch.nn.Module, task, config: TrainConfig,
     return history
 
 
-def sweep(runs: dict, task, seeds=(0,), on_eval=None, progress: bool = True,
-          stop_when=None) -> dict[str, list[History]]:
-    """Train one fresh model per (setting, seed): runs maps a label to (GPTConfig, TrainConfig).
+@dataclass
+class Run:
+    """One run of a sweep: its setting and seed, what it recorded, and what the caller asked to keep."""
+    label: Hashable
+    seed: int
+    config: TrainConfig              # as trained (seed and progress filled in)
+    history: History                 # up to the divergence where the run diverged
+    trainable_params: int            # parameters the optimizer updated
+    train_tokens: int                # distinct input tokens in the task's training split
+    diverged_at: int | None = None   # first step with a non-finite loss (sweep(..., diverged="record"))
+    model: nn.Module | None = field(default=None, repr=False)   # the trained model (keep_models=True)
+    outputs: dict = field(default_factory=dict, repr=False)     # after(model), computed when training ended
 
-    Returns {label: [History per seed]}. The model's init and the batches both follow the seed.
-    stop_when(history) may end each run early (see `train`).
+    @property
+    def epochs(self) -> float:
+        """How many times each training token was seen, on average."""
+        return self.history.tokens_seen / self.train_tokens
+
+    @property
+    def params_per_token(self) -> float:
+        return self.trainable_params / self.train_tokens
+
+
+def sweep(runs: dict, task, seeds=(0,), on_eval=None, progress: bool = True, stop_when=None,
+          after: Callable[[nn.Module], dict] | None = None, keep_models: bool = False,
+          diverged: str = "raise") -> dict[Hashable, list[Run]]:
+    """Train one model per (setting, seed); returns {label: [Run per seed]}, settings outer, seeds inner.
+
+    runs maps a label to (model, TrainConfig). model is a GPTConfig (a fresh model whose init follows
+    the seed) or a function seed -> nn.Module (e.g. a copy of a pretrained model); the batches and the
+    dropout masks follow the seed too. on_eval and stop_when go to `train`. after(model), if given,
+    reads the trained model (its logits, say) into Run.outputs; keep_models=True keeps the model itself.
+    diverged="record" ends a run at its first non-finite loss and records it in Run.diverged_at;
+    "raise" (the default) lets NonFiniteLossError through.
     """
+    if diverged not in ("raise", "record"):
+        raise ValueError(f"diverged must be 'raise' or 'record', got {diverged!r}")
     results = {}
-    device = task.device
-    for label, (gpt_config, train_config) in runs.items():
+    for label, (model_spec, train_config) in runs.items():
         results[label] = []
         for seed in seeds:
-            model = new_model(gpt_config, seed=seed, device=device)
+            model = (new_model(model_spec, seed=seed, device=task.device) if isinstance(model_spec, GPTConfig)
+                     else model_spec(seed))
             config = replace(train_config, seed=seed, progress=progress)
-            results[label].append(train(model, task, config, on_eval=on_eval, desc=f"{label} seed {seed}",
-                                        stop_when=stop_when))
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            try:
+                history, diverged_at = train(model, task, config, on_eval=on_eval, desc=f"{label} seed {seed}",
+                                             stop_when=stop_when), None
+            except NonFiniteLossError as err:
+                if diverged == "raise":
+                    raise
+                history, diverged_at = err.history, err.step
+            results[label].append(Run(label, seed, config, history, trainable, task.train_tokens, diverged_at,
+                                      model if keep_models else None, after(model) if after else {}))
     return results
+
+
+def histories(results: dict[Hashable, list[Run]]) -> dict[Hashable, list[History]]:
+    """{label: [History per seed]} of a sweep's results: what the plots and summaries read."""
+    return {label: [run.history for run in runs] for label, runs in results.items()}

@@ -19,7 +19,7 @@ from reglab.topics.claims import BASES, CLAIMS, VERDICTS, by_id, notebook_number
 from reglab.topics.capstone.lora import LoRALinear, add_lora, merge_lora, trainable_parameters
 from reglab.model import DROPOUT_SITES, GPT, GPTConfig
 from reglab.topics.capstone.recipes import FINETUNING, PRETRAINING, PUBLISHED_DECAY, decay_per_step
-from reglab.train import TrainConfig, lr_at
+from reglab.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 torch.set_num_threads(1)
@@ -434,15 +434,14 @@ def test_recipe_overrides_and_bad_task_kind():
         PRETRAINING.train_config(50, 1e-3, task_kind="seq2seq")
 
 
-def test_decay_per_step_matches_the_schedule_sum_and_the_closed_form():
+def test_decay_per_step_matches_the_closed_form_and_torchs_adamw(adamw_retained):
     config = TrainConfig(steps=1000, lr=6e-4, min_lr=6e-5, warmup_steps=0, weight_decay=0.1)
     summary = decay_per_step(config)
     assert math.isclose(summary.peak_per_step, 6e-5)
-    assert math.isclose(summary.half_life_steps, math.log(2) / 6e-5)
-    assert math.isclose(summary.integrated, sum(lr_at(t, config) * 0.1 for t in range(1000)))
-    # cosine from lr to min_lr: the average lr is (lr + min_lr) / 2, up to one step's worth
-    assert math.isclose(summary.integrated, 0.1 * (6e-4 + 6e-5) / 2 * 1000, rel_tol=2e-3)
-    assert math.isclose(summary.retained, math.prod(1 - lr_at(t, config) * 0.1 for t in range(1000)))
+    assert math.isclose((1 - 6e-5) ** summary.half_life_steps, 0.5)       # halves under AdamW's factor
+    # cosine from lr to min_lr over 999 intervals: sum = T (lr + min_lr) / 2 exactly (the cosine terms cancel)
+    assert math.isclose(summary.integrated, 0.1 * (6e-4 + 6e-5) / 2 * 1000, rel_tol=1e-12)
+    assert math.isclose(summary.retained, adamw_retained(config)[-1], rel_tol=1e-9)
 
 
 def test_published_decay_table_has_a_source_per_row():
@@ -507,14 +506,6 @@ def test_verdicts_compare_against_the_seed_noise():
     assert capstone.verdict(0.05, 0.01) == "hurt"
     assert capstone.verdict(0.005, 0.01) == "no clear effect"
 
-
-
-def test_interleaved_split_holds_out_every_tenth_chunk_and_loses_nothing():
-    tokens = torch.arange(1000)
-    train, val = capstone.interleaved_split(tokens, chunk=10, every=10)
-    assert len(train) + len(val) == 1000 and len(val) == 100
-    assert set(train.tolist()).isdisjoint(val.tolist())
-    assert val[:10].tolist() == list(range(50, 60))          # the middle chunk of the first group
 
 
 def test_effects_judge_the_val_loss_and_forgetting_against_the_seed_spread():

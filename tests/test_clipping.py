@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from reglab.topics.clipping import lab as clip_lab
 from reglab.topics.clipping import lecture as clipping
 from reglab.checks import REGISTRY, CheckFailed, check, get
 from reglab.topics.clipping import checks as clip_checks
@@ -340,17 +341,17 @@ def test_decay_is_clipped_only_when_it_is_in_the_loss():
 
 def test_settings_exist_for_every_budget():
     for budget in ("ci", "cpu", "gpu"):
-        settings = clipping.settings_for(budget)
+        settings = clip_lab.settings_for(budget)
         assert settings.clips[0] is None and 1.0 in settings.clips
 
 
 def test_ci_sweep_runs_and_summarizes():
     from reglab.data import corpus_task
     from dataclasses import replace
-    settings = replace(clipping.settings_for("ci"), steps=10, eval_every=5)
+    settings = replace(clip_lab.settings_for("ci"), steps=10, eval_every=5)
     corpus, task = corpus_task("builtin", settings.block_size, settings.batch_size)
-    runs = clipping.clip_sweep(settings, task, corpus.vocab_size, progress=False)
-    summary = clipping.summarize(runs)
+    runs = clip_lab.clip_sweep(settings, task, corpus.vocab_size, progress=False)
+    summary = clip_lab.summarize(runs)
     assert list(summary) == ["none", "1", "0.25", "0.05"]
     for label, row in summary.items():
         assert set(row) == {"spikes", "final_val_loss", "fraction_clipped", "diverged_at"}

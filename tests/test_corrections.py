@@ -227,7 +227,7 @@ def decay_after(optimizer_cls, weight_decay: float, rms: float, steps: int = 200
 
 
 def test_matched_l2_lambda_gives_adamws_decay_and_the_same_lambda_does_not():
-    from reglab.topics.weight_decay.lecture import matched_l2_weight_decay
+    from reglab.topics.weight_decay.lab import matched_l2_weight_decay
     rms = 4e-3
     adamw = decay_after(torch.optim.AdamW, 1.0, rms) - decay_after(torch.optim.AdamW, 0.0, rms)
     matched = decay_after(torch.optim.Adam, matched_l2_weight_decay(1.0, rms), rms) - decay_after(torch.optim.Adam, 0.0, rms)
@@ -241,8 +241,8 @@ def test_matched_l2_lambda_gives_adamws_decay_and_the_same_lambda_does_not():
 
 def test_the_measured_gradient_scale_is_a_few_thousandths_on_the_ci_task():
     from reglab.data import modular_addition
-    from reglab.topics.weight_decay.lecture import adam_gradient_scale, grokking_model, grokking_settings
-    settings = grokking_settings("ci")
+    from reglab.topics.weight_decay.lab import adam_gradient_scale, grokking_model, settings_for
+    settings = settings_for("ci")
     task = modular_addition(settings.modulus, settings.train_fraction, seed=0)
     scale = adam_gradient_scale(grokking_model(settings), task, settings.lr, settings.betas, steps=30)
     assert scale["q1"] <= scale["median"] <= scale["q3"] and 1e-4 < scale["median"] < 1e-1

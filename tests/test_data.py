@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from reglab.data import LMTask, builtin_text, corpus_task, load_corpus, modular_addition, split_tokens
+from reglab.data import (LMTask, builtin_text, corpus_task, interleaved_split, load_corpus, modular_addition,
+                         split_tokens)
 
 
 def test_builtin_corpus_is_python_help_text_and_round_trips():
@@ -79,3 +80,20 @@ def test_modular_addition_labels_and_split():
 def test_corpus_task_limits_training_characters():
     corpus, task = corpus_task(block_size=16, batch_size=2, max_train_chars=5000)
     assert len(task.streams["train"]) == 5000 and corpus.vocab_size > 50
+
+
+def test_corpus_task_evaluates_on_the_batches_it_is_given():
+    _, task = corpus_task(block_size=16, batch_size=4, eval_batches=3, seed=0)
+    batches = list(task.eval_batches("val"))
+    assert len(batches) == 3 and all(x.shape == (4, 16) for x, _ in batches)
+    again = list(corpus_task(block_size=16, batch_size=4, eval_batches=3, seed=0)[1].eval_batches("val"))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))      # fixed: the same every time
+    assert task.train_tokens == len(task.streams["train"])
+
+
+def test_interleaved_split_holds_out_every_tenth_chunk_and_loses_nothing():
+    tokens = torch.arange(1000)
+    train, val = interleaved_split(tokens, chunk=10, every=10)
+    assert len(train) + len(val) == 1000 and len(val) == 100
+    assert set(train.tolist()).isdisjoint(val.tolist())
+    assert val[:10].tolist() == list(range(50, 60))          # the middle chunk of the first group

@@ -23,7 +23,7 @@ from reglab.topics.dropout.lecture import (  # noqa: E402
     derived_batchnorm_shift, derived_moments, dropout_cost, dropout_statistics, dropped_fraction_by_site,
     norm_variance_shift, saved_tensor_bytes, show_dropout, step_times, training_step_flops,
     variance_standard_error)
-from reglab.topics.dropout.lab import SETTINGS, figures, lab_settings, show_sweep, summarize  # noqa: E402
+from reglab.topics.dropout.lab import SETTINGS, figures, settings_for, show_sweep, summarize  # noqa: E402
 from reglab.model import DROPOUT_SITES, GPT, GPTConfig  # noqa: E402
 from reglab.topics.dropout.recall import IGNORE, recall_accuracy, recall_metrics, recall_task  # noqa: E402
 from reglab.train import TrainConfig, new_model, train  # noqa: E402
@@ -484,12 +484,34 @@ def test_dropout_skips_no_flops_and_stores_its_masks():
     assert saved_tensor_bytes(on, idx) > saved_tensor_bytes(off, idx)
 
 
-def test_step_time_measurement_returns_one_time_per_step():
+def test_step_times_brackets_each_timed_step_and_skips_the_warmup(monkeypatch):
+    """A clock that returns call_index**2. The warm-up step reads it once (call 0, its start) and is not
+    timed; timed step k = 1, 2, 3 reads it at calls 2k - 1 and 2k, so it lasts (2k)^2 - (2k - 1)^2 = 4k - 1.
+    Timing the warm-up, or reading the clock anywhere else in the step, would change these numbers."""
+    from types import SimpleNamespace
+
+    import reglab.topics.dropout.lecture as lecture
+    calls = iter(range(10_000))
+    monkeypatch.setattr(lecture, "time", SimpleNamespace(perf_counter=lambda: float(next(calls)) ** 2))
     config = GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_embd=16)
-    times = step_times(config, batch_size=2, steps=3, warmup=1)
-    assert len(times) == 3 and all(t > 0 for t in times)
-    cost = dropout_cost(config, 0.2, batch_size=2, steps=2, rounds=1)
-    assert cost["ratio"] == pytest.approx(cost["step_s_on"] / cost["step_s_off"]) and cost["steps_timed"] == 2
+    assert step_times(config, batch_size=2, steps=3, warmup=1) == [3.0, 7.0, 11.0]
+
+
+def test_dropout_cost_alternates_the_settings_and_compares_medians(monkeypatch):
+    """With step_times replaced by fixed times, the cost is the ratio of the two medians, and the settings
+    alternate round by round (off, on, off, on, ...) so that a change of load falls on both."""
+    import reglab.topics.dropout.lecture as lecture
+    order, times = [], {0.0: [[1.0, 9.0, 1.0], [2.0, 1.0, 1.0]], 0.2: [[3.0, 3.0, 30.0], [2.5, 3.0, 3.0]]}
+
+    def fake_step_times(config, batch_size, steps, device="cpu", seed=0):
+        order.append((config.resid_dropout, seed))
+        return times[config.resid_dropout][seed]
+
+    monkeypatch.setattr(lecture, "step_times", fake_step_times)
+    cost = dropout_cost(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_embd=16), 0.2, steps=3, rounds=2)
+    assert order == [(0.0, 0), (0.2, 0), (0.0, 1), (0.2, 1)]
+    assert (cost["step_s_off"], cost["step_s_on"], cost["steps_timed"]) == (1.0, 3.0, 6)
+    assert cost["ratio"] == 3.0
 
 
 def test_show_dropout_prints_measured_and_derived(capsys):
@@ -556,7 +578,7 @@ def test_trainer_accepts_the_recall_task_and_reports_recall():
 
 def test_every_budget_has_settings_that_make_the_labs_comparisons():
     for budget in ("ci", "cpu", "gpu"):
-        s = lab_settings(budget)
+        s = settings_for(budget)
         assert 0.0 in s.ps and s.site_p in s.ps and s.compare_p in s.ps
     assert SETTINGS["gpu"].n_seeds >= 2
 

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 import reglab.topics.label_smoothing.checks as checks_module
 from reglab.checks import REGISTRY, CheckFailed, check
+from reglab.topics.label_smoothing.lab import SETTINGS, model_config
 from reglab.topics.label_smoothing.lecture import (
-    SETTINGS, BagOfTokens, expected_calibration_error, fit_temperature, label_smoothed_cross_entropy,
-    logit_gap, model_config, optimal_logit_gap, optimal_true_probability, reliability_data, smoothed_target,
-    true_class_gradient_limit)
+    BagOfTokens, expected_calibration_error, fit_temperature, label_smoothed_cross_entropy, logit_gap,
+    optimal_logit_gap, optimal_true_probability, reliability_data, smoothed_target, true_class_gradient_limit)
 
 CHECK_IDS = sorted(k for k in REGISTRY if k.startswith("label_smoothing."))
 
@@ -390,7 +390,21 @@ def test_every_budget_builds_a_valid_classifier_config(budget):
     assert config.n_classes == SETTINGS[budget].n_classes and config.pool == "mean"
 
 
-def test_checks_module_lists_a_message_for_every_mistake_it_computes():
-    case = checks_module._cases("ignore_index")[0]
-    for name in checks_module.MISTAKES:
-        assert checks_module._variant(name, case).shape == checks_module._answer(case).shape
+CASE_KINDS = ("matches_cross_entropy", "reductions", "ignore_index", "alpha_range", "class_dim", "large_logits",
+              "fresh_cases")
+
+
+def test_every_named_mistake_computes_something_other_than_torchs_loss():
+    """The judge names a mistake when the student's output matches that mistake's variant; a variant that
+    equalled F.cross_entropy(label_smoothing=...) on every probe case could never be told apart, so each
+    must differ from PyTorch's answer on some case (and the answer itself is PyTorch's)."""
+    cases = [case for kind in CASE_KINDS for case in checks_module._cases(kind)]
+    for case in cases:
+        torch.testing.assert_close(checks_module._answer(case), F.cross_entropy(
+            case["logits"].double(), case["target"], label_smoothing=case["alpha"],
+            ignore_index=case["ignore_index"], reduction=case["reduction"]))
+    for name, message in checks_module.MISTAKES.items():
+        assert message.strip(), name
+        assert any(not torch.allclose(checks_module._variant(name, case).double(),
+                                      checks_module._answer(case).double(), equal_nan=True)
+                   for case in cases), f"mistake {name!r} gives PyTorch's answer on every case"

@@ -1,7 +1,8 @@
 """The course model: dropout is on in train mode and off in eval at every site, SDPA included."""
+import math
+
 import pytest
 import torch
-import torch.nn.functional as F
 
 from reglab.model import DROPOUT_SITES, GPT, GPTConfig, RMSNorm
 
@@ -59,18 +60,39 @@ def test_dropout_preserves_the_expected_activation_at_each_site(tiny_config, tok
     assert (mean - expected).abs().mean() < 0.1 * scale
 
 
-def test_layer_dropout_matches_functional_dropout_statistics():
-    """The model's dropout module keeps a fraction 1 - p and scales survivors by 1 / (1 - p), as F.dropout."""
+@pytest.mark.parametrize("site", DROPOUT_SITES)
+def test_each_site_drops_at_its_configured_rate_with_inverted_scaling_and_no_other_site_drops(site):
+    """Hooks on every nn.Dropout of the model (explicit attention, so the attention site is a module too):
+    the modules of the configured site zero a fraction p of their input and multiply the rest by
+    1 / (1 - p); every other dropout module passes its input through unchanged."""
     p = 0.3
-    h = torch.ones(200_000)
+    config = GPTConfig(vocab_size=17, block_size=16, n_layer=2, n_head=2, n_embd=32, use_sdpa=False)
+    model = GPT(config.with_dropout(p, sites=(site,))).train()
+    seen = {}                                   # module name -> (input, output)
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, (inputs[0].detach(), output.detach()))    # the first block's call of each
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.register_forward_hook(record(name))
     torch.manual_seed(0)
-    out = torch.nn.Dropout(p)(h)
-    kept = (out != 0).float().mean()
-    # kept fraction ~ Binomial(n, 1-p)/n: std = sqrt(p(1-p)/n) ~ 0.001; 5 std -> false failure < 1e-6
-    assert abs(kept - (1 - p)) < 5 * (p * (1 - p) / h.numel()) ** 0.5
-    torch.testing.assert_close(out[out != 0], torch.full_like(out[out != 0], 1 / (1 - p)))
-    torch.manual_seed(0)
-    torch.testing.assert_close(out, F.dropout(h, p, training=True))
+    model(torch.randint(17, (8, 16), generator=torch.Generator().manual_seed(1)))
+    active = {name for name in seen if name.split(".")[-1] == site}
+    assert active, f"no dropout module is named {site}"
+    kept, total = 0, 0
+    for name, (inp, out) in seen.items():
+        if name in active:
+            nonzero = inp != 0
+            survived = out[nonzero] != 0
+            torch.testing.assert_close(out[nonzero][survived], inp[nonzero][survived] / (1 - p))
+            kept, total = kept + int(survived.sum()), total + int(nonzero.sum())
+        else:
+            torch.testing.assert_close(out, inp, rtol=0, atol=0)
+    # kept ~ Binomial(total, 1 - p): 5 standard deviations -> a false failure below 1e-6
+    assert abs(kept / total - (1 - p)) < 5 * math.sqrt(p * (1 - p) / total)
 
 
 def test_rmsnorm_matches_its_definition():

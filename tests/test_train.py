@@ -3,21 +3,45 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 
 from reglab.data import ClassificationTask, corpus_task
 from reglab.model import GPT, GPTConfig
-from reglab.train import NonFiniteLossError, TrainConfig, lr_at, new_model, param_groups, sweep, train
+from reglab.train import NonFiniteLossError, Run, TrainConfig, histories, lr_at, new_model, param_groups, sweep, train
 
 
-def test_param_groups_cover_every_parameter_once_and_never_decay_1d(tiny_config):
-    model = GPT(GPTConfig(**{**tiny_config.__dict__, "norm": "rmsnorm"}))
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_param_groups_decay_linear_and_embedding_weights_only(tiny_config, norm):
+    """By module type (minGPT's rule), checked here against names: every bias and norm gain is in the
+    no-decay group, every other parameter in the decay group, each exactly once."""
+    model = GPT(GPTConfig(**{**tiny_config.__dict__, "norm": norm}))
     decay, no_decay = param_groups(model, 0.1)
-    ids = [id(p) for p in decay["params"] + no_decay["params"]]
-    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
-    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
-    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
-    names_1d = {n for n, p in model.named_parameters() if p.dim() == 1}
-    assert any("norm" in n for n in names_1d) and any("bias" in n for n in names_1d)
+    names = {id(p): name for name, p in model.named_parameters()}
+    expected_no_decay = {n for n in names.values() if n.endswith("bias") or "norm" in n}
+    assert {names[id(p)] for p in no_decay["params"]} == expected_no_decay
+    assert {names[id(p)] for p in decay["params"]} == set(names.values()) - expected_no_decay
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+
+
+def test_tied_head_weight_is_decayed_once(tiny_config):
+    model = GPT(tiny_config)
+    assert model.head.weight is model.tok_emb.weight
+    decay, _ = param_groups(model, 0.1)
+    assert sum(p is model.tok_emb.weight for p in decay["params"]) == 1
+
+
+@pytest.mark.parametrize("decay_modules, no_decay_modules, message", [
+    ((nn.Embedding,), (nn.LayerNorm, nn.Linear),
+     r"blocks\.0\.attn\.qkv\.weight \(Linear, 2-D\) is classified no decay by its module type, but the "
+     r"dimension rule \(decay iff p\.dim\(\) >= 2\) says decay"),
+    ((nn.Linear, nn.Embedding, nn.LayerNorm), (), r"blocks\.0\.norm1\.weight \(LayerNorm, 1-D\) is classified decay"),
+])
+def test_param_groups_refuse_a_classification_the_dimension_rule_contradicts(tiny_config, decay_modules,
+                                                                             no_decay_modules, message):
+    """The decay/no-decay assert can fail: a wrong module-type rule is caught, naming the parameter."""
+    with pytest.raises(AssertionError, match=message):
+        param_groups(GPT(tiny_config), 0.1, decay_modules=decay_modules, no_decay_modules=no_decay_modules)
 
 
 def test_frozen_parameters_are_in_no_group(tiny_config):
@@ -43,14 +67,25 @@ def test_adamw_step_matches_torch_adamw_with_the_same_groups(tiny_config, tokens
         torch.testing.assert_close(pa, pb)
 
 
-def test_schedule_warms_up_linearly_then_follows_cosine_to_min_lr():
-    config = TrainConfig(steps=110, lr=1.0, min_lr=0.1, warmup_steps=10)
-    assert lr_at(0, config) == pytest.approx(0.1) and lr_at(9, config) == pytest.approx(1.0)
-    assert lr_at(10, config) == pytest.approx(1.0) and lr_at(109, config) == pytest.approx(0.1)
-    midpoint = 10 + (110 - 1 - 10) / 2
-    assert lr_at(int(midpoint), config) == pytest.approx(0.55, abs=0.02)
-    assert TrainConfig(steps=10, warmup_steps=0, schedule="constant").lr == lr_at(5, TrainConfig(
-        steps=10, warmup_steps=0, schedule="constant"))
+def test_capturable_learning_rate_lives_on_the_models_device(tiny_config):
+    """CUDA graphs read the lr from a device tensor: it must sit where the model is (cuda:1 is not "cuda")."""
+    from reglab.train import make_optimizer
+    optimizer = make_optimizer(GPT(tiny_config), TrainConfig(lr=2e-3), capturable=True)
+    assert all(group["lr"].device == torch.device("cpu") and float(group["lr"]) == pytest.approx(2e-3)
+               for group in optimizer.param_groups)
+
+
+@pytest.mark.parametrize("config", [TrainConfig(steps=110, lr=1.0, min_lr=0.1, warmup_steps=10),
+                                    TrainConfig(steps=300, lr=3e-3, warmup_steps=30),      # floor lr / 10
+                                    TrainConfig(steps=50, lr=1e-2, warmup_steps=0),
+                                    TrainConfig(steps=40, lr=1e-2, warmup_steps=8, schedule="constant")])
+def test_schedule_equals_torchs_linear_warmup_then_cosine_annealing(config, torch_schedule):
+    assert [lr_at(t, config) for t in range(config.steps)] == pytest.approx(torch_schedule(config), rel=1e-9)
+
+
+def test_the_cosine_floor_defaults_to_a_tenth_of_the_peak():
+    assert TrainConfig(lr=3e-3).lr_floor == pytest.approx(3e-4)
+    assert TrainConfig(lr=3e-3, min_lr=0.0).lr_floor == 0.0
 
 
 def test_bad_train_config_values_are_refused_with_what_was_given():
@@ -104,10 +139,50 @@ def test_non_finite_loss_raises_and_names_the_step(tiny_config, tokens):
 def test_training_is_deterministic_for_a_seed(tiny_config, tokens):
     task = ClassificationTask({"train": (tokens, tokens[:, 0] % 5), "val": (tokens, tokens[:, 0] % 5)}, batch_size=2)
     config = GPTConfig(**{**tiny_config.__dict__, "n_classes": 5, "resid_dropout": 0.2})
-    runs = sweep({"a": (config, TrainConfig(steps=6, warmup_steps=0, eval_every=3))}, task, seeds=(0, 0, 1),
-                 progress=False)["a"]
+    runs = histories(sweep({"a": (config, TrainConfig(steps=6, warmup_steps=0, eval_every=3))}, task,
+                           seeds=(0, 0, 1), progress=False))["a"]
     assert runs[0].loss == runs[1].loss and runs[0].loss != runs[2].loss
     assert all(math.isfinite(v) for v in runs[0].loss)
+
+
+def test_sweep_records_each_run_and_what_the_caller_asked_to_keep(tiny_config, tokens):
+    task = ClassificationTask({"train": (tokens, tokens[:, 0] % 5), "val": (tokens, tokens[:, 0] % 5)}, batch_size=2)
+    config = GPTConfig(**{**tiny_config.__dict__, "n_classes": 5})
+    train_config = TrainConfig(steps=4, warmup_steps=0, eval_every=2)
+    frozen = new_model(config, seed=3)
+    frozen.tok_emb.weight.requires_grad_(False)
+    results = sweep({"fresh": (config, train_config), "given": (lambda seed: frozen, train_config)}, task,
+                    seeds=(0, 1), progress=False, keep_models=True, after=lambda model: {"n": model.config.n_classes})
+    fresh, given = results["fresh"], results["given"]
+    assert all(isinstance(run, Run) for run in fresh + given)
+    assert [run.seed for run in fresh] == [0, 1] and [run.config.seed for run in fresh] == [0, 1]
+    assert fresh[0].trainable_params == sum(p.numel() for p in fresh[0].model.parameters())
+    assert given[0].model is frozen and given[0].trainable_params == frozen.num_params() - frozen.tok_emb.weight.numel()
+    assert fresh[0].train_tokens == tokens.numel() and fresh[0].epochs == pytest.approx(4 * 2 * 16 / tokens.numel())
+    assert fresh[0].outputs == {"n": 5} and fresh[0].diverged_at is None
+
+
+def test_sweep_records_a_divergence_when_asked_and_raises_otherwise(tiny_config, tokens):
+    task = ClassificationTask({"train": (tokens, tokens[:, 0] % 5), "val": (tokens, tokens[:, 0] % 5)})
+    config = GPTConfig(**{**tiny_config.__dict__, "n_classes": 5})
+
+    def broken(seed):                      # a model whose 3rd forward (step 2) returns NaN
+        model, calls = new_model(config, seed=seed), {"n": 0}
+        original = model.forward
+
+        def forward(x):
+            calls["n"] += 1
+            return original(x) * float("nan") if calls["n"] == 3 else original(x)
+        model.forward = forward
+        return model
+
+    runs = {"broken": (broken, TrainConfig(steps=10, warmup_steps=0, eval_every=5))}
+    run = sweep(runs, task, progress=False, diverged="record")["broken"][0]
+    assert run.diverged_at == 2 and len(run.history.loss) >= 3 and not run.history.evals
+    with pytest.raises(NonFiniteLossError, match="at step 2"):
+        sweep(runs, task, progress=False)
+    with pytest.raises(ValueError, match="diverged must be 'raise' or 'record', got 'ignore'"):
+        sweep(runs, task, progress=False, diverged="ignore")
 
 
 @pytest.mark.parametrize("setting, shown", [(None, True), ("0", False)])
@@ -132,12 +207,14 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @needs_cuda
-@pytest.mark.parametrize("optimizer", ["adamw", "adam_l2"])
-def test_cuda_graph_step_reproduces_the_eager_run(optimizer):
-    """Replaying the captured step must give the eager trajectory: same losses, norms and weights
-    (fp32, no dropout: the only differences are reduction-order round-off)."""
+@pytest.mark.parametrize("optimizer, dropout", [("adamw", 0.0), ("adam_l2", 0.0), ("adamw", 0.1)])
+def test_cuda_graph_step_reproduces_the_eager_run(optimizer, dropout):
+    """Replaying the captured step must give the eager trajectory: same losses, norms and weights (fp32;
+    the only differences are reduction-order round-off). With dropout at every site the replays must
+    draw the eager run's masks: the capture's warm-up step puts the device's random state back."""
     corpus, task = corpus_task(block_size=32, batch_size=8, device="cuda")
-    config = GPTConfig(vocab_size=corpus.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    config = GPTConfig(vocab_size=corpus.vocab_size, block_size=32, n_layer=2, n_head=2,
+                       n_embd=32).with_dropout(dropout)
     runs = {}
     for graph in (False, True):
         model = new_model(config, seed=0, device="cuda")

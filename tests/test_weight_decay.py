@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import matplotlib
 import pytest
 import torch
 
+from reglab.topics.weight_decay import lab as wd_lab
 from reglab.topics.weight_decay import lecture as wd
 from reglab.checks import REGISTRY, CheckFailed, check, get
 from reglab.topics.weight_decay import checks as wd_checks
 from reglab.model import GPT, GPTConfig
-from reglab.train import TrainConfig, lr_at, new_model, param_groups, train
+from reglab.train import TrainConfig, new_model, param_groups, train
 
 matplotlib.use("Agg")
 ROOT = Path(__file__).resolve().parent.parent
@@ -312,66 +314,81 @@ def test_simulate_decay_refuses_unknown_optimizer_with_message():
         wd.simulate_decay("lion", 0.1, 1e-3)
 
 
-def test_decay_over_run_matches_the_closed_form_and_the_estimate():
+def test_decay_over_run_matches_the_closed_form_and_torchs_adamw(adamw_retained):
     config = TrainConfig(steps=1000, lr=1e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.1)
     integrated, kept = wd.decay_over_run(config)
-    exact = 0.1 * sum(lr_at(t, config) for t in range(config.steps))
-    assert integrated == pytest.approx(exact, rel=1e-12)
     closed = 0.1 * (1e-3 * 51 / 2 + 950 * (1e-3 + 1e-4) / 2)      # warmup + cosine samples averaging (max+min)/2
     assert integrated == pytest.approx(closed, rel=1e-12)
     assert wd.integrated_decay_estimate(config) == pytest.approx(0.1 * 1.1e-3 * 1000 / 2)
-    assert kept == pytest.approx(math.prod(1 - 0.1 * lr_at(t, config) for t in range(1000)), rel=1e-12)
+    oracle = adamw_retained(config)
+    assert wd.retained(config) == pytest.approx(oracle, rel=1e-9)
+    assert kept == pytest.approx(oracle[-1], rel=1e-9)
 
 
-def test_half_life_halves_and_refuses_bad_input():
+def test_half_life_halves_a_weight_and_approaches_ln2_over_lr_wd():
     h = wd.half_life(1e-3, 0.1)
-    assert (1 - 1e-4) ** h == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="0 < lr \\* weight_decay < 1"):
+    assert (1 - 1e-4) ** h == pytest.approx(0.5, rel=1e-12)       # AdamW's factor per step, h times
+    assert h == pytest.approx(math.log(2) / 1e-4, rel=1e-4)       # ln 2 / (lr wd) while lr wd << 1
+    assert wd.half_life(0.5, 1.0) == pytest.approx(1.0)          # (1 - 0.5)^1 = 1/2: the exact formula, not 1.39
+    assert wd.half_life(1e-3, 0.0) == math.inf
+    with pytest.raises(ValueError, match="need 0 <= lr \\* weight_decay < 1, got 2.0"):
         wd.half_life(1.0, 2.0)
 
 
 def test_grokking_settings_cover_every_budget_and_runs_are_labelled():
     for budget in ("ci", "cpu", "gpu"):
-        settings = wd.grokking_settings(budget)
-        runs = wd.grokking_runs(settings)
+        settings = wd_lab.settings_for(budget)
+        runs = wd_lab.grokking_runs(settings)
         assert list(runs) == ["AdamW λ=0", "AdamW λ=0.1", "AdamW λ=1", "Adam+L2 λ=1", "Adam+L2 λ=0.01"]
         assert [c.weight_decay for _, c in runs.values()] == [0.0, 0.1, 1.0, 1.0, 0.01]
         assert [c.optimizer for _, c in runs.values()] == ["adamw"] * 3 + ["adam_l2"] * 2
         assert all(c.steps == settings.max_steps and c.grad_clip is None for _, c in runs.values())
-    assert len(wd.grokking_settings("gpu").seeds) >= 2
+    assert len(wd_lab.settings_for("gpu").seeds) >= 2
 
 
 def test_held_above_stops_a_run_early():
-    settings = wd.grokking_settings("ci")
+    settings = wd_lab.settings_for("ci")
     from reglab.data import modular_addition
     task = modular_addition(settings.modulus, settings.train_fraction)
-    model = new_model(wd.grokking_model(settings))
+    model = new_model(wd_lab.grokking_model(settings))
     config = TrainConfig(steps=100, eval_every=5, progress=False)
-    history = train(model, task, config, stop_when=wd.held_above("train_acc", 0.0, 2))
+    history = train(model, task, config, stop_when=wd_lab.held_above("train_acc", 0.0, 2))
     assert history.final["step"] == 10 and len(history.loss) == 10
 
 
 def test_run_grokking_ci_summary_and_plots():
-    settings = wd.grokking_settings("ci")
-    results = wd.run_grokking(settings, progress=False)
-    summary = wd.grokking_summary(results, settings)
+    settings = wd_lab.settings_for("ci")
+    results = wd_lab.run_grokking(settings, progress=False)
+    summary = wd_lab.grokking_summary(results, settings)
     assert set(summary) == set(results)
     for label, row in summary.items():
         assert len(row["grok_step"]) == len(settings.seeds)
         assert all(isinstance(s, int) or s.startswith("not within") for s in row["grok_step"])
         assert all(n > 0 for n in row["final_matrix_norm"])
-    wd.plot_grokking(results)
-    wd.show_grokking(results, "AdamW λ=1")
+    wd_lab.plot_grokking(results)
+    wd_lab.show_grokking(results, "AdamW λ=1")
     with pytest.raises(ValueError, match="setting must be one of"):
-        wd.show_grokking(results, "SGD")
+        wd_lab.show_grokking(results, "SGD")
 
 
-def test_show_decay_draws_and_prints(capsys):
-    wd.show_decay(0.2, 1e-2, steps=50)
-    assert "keeps" in capsys.readouterr().out
+def test_show_decay_prints_that_adamw_decays_every_weight_alike_and_adam_l2_does_not(capsys):
+    """The widget's printed figures, against (1 - lr wd)^T computed here: AdamW keeps about that much of a
+    weight whatever its gradient scale (4 standard errors of a mean of 256 random walks of step <= lr);
+    Adam + L2 barely decays the large-gradient weight and shrinks the small-gradient one far faster."""
+    lr, weight_decay, steps = 1e-2, 0.2, 50
+    wd.show_decay(weight_decay, lr, steps=steps)
+    out = capsys.readouterr().out
+    kept = {(name.strip(), float(scale)): float(value) / 100 for name, scale, value in
+            re.findall(r"^\s*(.+?),\s+gradient scale ([\d.e+-]+): keeps\s+([\d.]+)%", out, re.M)}
+    pure = (1 - lr * weight_decay) ** steps
+    assert float(re.search(r"pure decay keeps ([\d.]+)%", out).group(1)) / 100 == pytest.approx(pure, abs=5e-4)
+    tolerance = 4 * lr * math.sqrt(steps) / math.sqrt(256)
+    assert abs(kept[("AdamW", 1e-3)] - pure) < tolerance and abs(kept[("AdamW", 10.0)] - pure) < tolerance
+    assert kept[("Adam + L2", 10.0)] > 0.98
+    assert kept[("Adam + L2", 1e-3)] < pure - 0.2
 
 
 def test_matrix_norm_counts_only_decayed_tensors():
     model = GPT(GPTConfig(vocab_size=5, block_size=3, n_layer=1, n_head=1, n_embd=4))
     expected = math.sqrt(sum(float(p.detach().pow(2).sum()) for p in model.parameters() if p.dim() >= 2))
-    assert wd.matrix_norm(model)["matrix_norm"] == pytest.approx(expected, rel=1e-6)
+    assert wd_lab.matrix_norm(model)["matrix_norm"] == pytest.approx(expected, rel=1e-6)

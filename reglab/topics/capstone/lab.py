@@ -1,5 +1,5 @@
-"""The capstone's experiments: pretrain in one pass, fine-tune for many epochs (fully and with LoRA), and
-place every run on the regime map (times each token was seen x parameters per training token).
+"""Topic capstone, lab: pretrain in one pass, fine-tune for many epochs (fully and with LoRA), and place
+every run on the regime map (times each token was seen x parameters per training token).
 
 The settings per budget live in SETTINGS; the notebooks call the functions below and keep only the
 plotting of what they show. The fine-tuning text is derived on the spot from the docstrings of a
@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 from reglab.budget import by_budget
-from reglab.data import Corpus, LMTask, load_corpus, split_tokens
-from reglab.topics.capstone.lora import add_lora, trainable_parameters
+from reglab.data import Corpus, LMTask, corpus_task, interleaved_split, load_corpus
 from reglab.model import GPT, GPTConfig
+from reglab.plots import colors_for, plot_highlighted
+from reglab.topics.capstone.lora import add_lora
 from reglab.topics.capstone.recipes import FINETUNING, PRETRAINING
-from reglab.train import History, evaluate, new_model, train
+from reglab.train import Run, evaluate, sweep
 
 STDLIB_DOCSTRINGS = "stdlib-docstrings"
 # Pure-Python modules whose docstrings are long and stable; the order fixes the text.
@@ -118,16 +116,6 @@ def finetune_corpus(source: str | Path, vocab: str, max_chars: int) -> Corpus:
     return replace(corpus, text=corpus.text[:max_chars])
 
 
-def interleaved_split(tokens: torch.Tensor, chunk: int = 128, every: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut tokens into chunks of `chunk`; every `every`-th chunk (from the middle one of each group)
-    validates, the rest trains. Unlike a cut at 90%, validation text then comes from all over the text
-    (here: from every module's docstrings), not from whatever happens to come last."""
-    pieces = list(torch.split(tokens, chunk))
-    val = [piece for i, piece in enumerate(pieces) if i % every == every // 2]
-    train = [piece for i, piece in enumerate(pieces) if i % every != every // 2]
-    return torch.cat(train), torch.cat(val)
-
-
 def finetune_task(corpus: Corpus, settings: CapstoneSettings, seed: int = 0, device="cpu") -> LMTask:
     """Random windows of the fine-tuning text (drawn with replacement: many epochs); 10% held out."""
     train_tokens, val_tokens = interleaved_split(corpus.encode(corpus.text))
@@ -136,24 +124,6 @@ def finetune_task(corpus: Corpus, settings: CapstoneSettings, seed: int = 0, dev
 
 
 # ---------------------------------------------------------------------------- runs
-
-@dataclass
-class Run:
-    """One training run and what the regime map needs to place it."""
-    label: str
-    history: History
-    trainable_params: int
-    train_tokens: int              # distinct tokens in the training split
-
-    @property
-    def epochs(self) -> float:
-        """How many times each training token was seen, on average."""
-        return self.history.tokens_seen / self.train_tokens
-
-    @property
-    def params_per_token(self) -> float:
-        return self.trainable_params / self.train_tokens
-
 
 @dataclass
 class Pretraining:
@@ -169,26 +139,15 @@ PRETRAIN_LABELS = ("dropout 0", "dropout 0.1")
 def pretrain(settings: CapstoneSettings, corpus: str | Path = "builtin", seed: int = 0, device="cpu",
              progress: bool = False) -> Pretraining:
     """The pretraining recipe for one pass over the corpus, with dropout 0 and 0.1 at every site, per seed."""
-    text = load_corpus(corpus)
-    train_tokens, val_tokens = split_tokens(text.encode(text.text))
-    if settings.pretrain_chars is not None:
-        train_tokens = train_tokens[:settings.pretrain_chars]
-    # what corpus_task(..., single_pass=True) builds, with this budget's number of evaluation batches
-    task = LMTask(train_tokens, val_tokens, settings.block_size, settings.batch_size, single_pass=True,
-                  eval_batches=settings.eval_batches, seed=seed, device=device)
+    text, task = corpus_task(corpus, settings.block_size, settings.batch_size, max_train_chars=settings.pretrain_chars,
+                             single_pass=True, eval_batches=settings.eval_batches, seed=seed, device=device)
     base = PRETRAINING.gpt_config(settings.gpt_config(text.vocab_size))
     steps = task.single_pass_steps                 # the same steps, hence the same compute, for both
-    result = Pretraining(corpus=text, task=task, runs={}, models={})
-    for label, config in zip(PRETRAIN_LABELS, (base, base.with_dropout(0.1))):
-        result.runs[label], result.models[label] = [], []
-        for s in range(seed, seed + settings.seeds):
-            model = new_model(config, seed=s, device=device)
-            train_config = PRETRAINING.train_config(steps, settings.lr, eval_every=settings.pretrain_eval_every,
-                                                    seed=s, progress=progress)
-            history = train(model, task, train_config, desc=f"pretrain {label} seed {s}")
-            result.runs[label].append(Run(label, history, model.num_params(), len(task.streams["train"])))
-            result.models[label].append(model)
-    return result
+    config = PRETRAINING.train_config(steps, settings.lr, eval_every=settings.pretrain_eval_every)
+    runs = sweep({label: (gpt, config) for label, gpt in zip(PRETRAIN_LABELS, (base, base.with_dropout(0.1)))},
+                 task, seeds=range(seed, seed + settings.seeds), progress=progress, keep_models=True)
+    models = {label: [run.model for run in per_seed] for label, per_seed in runs.items()}
+    return Pretraining(corpus=text, task=task, runs=runs, models=models)
 
 
 FULL_LABELS = ("full", "full + dropout")
@@ -222,23 +181,23 @@ def finetune(pretraining: Pretraining, ft_task: LMTask, settings: CapstoneSettin
     """Every fine-tuning run, per seed, from that seed's dropout-0 pretrained model.
 
     Each evaluation also records `orig_loss`, the loss on the pretraining corpus's validation split:
-    how much of the original text the model forgets.
+    how much of the original text the model forgets. Seeds outer, runs inner: a LoRA adapter's
+    initial A is drawn from the global generator, so this order is part of what a seed reproduces.
     """
     def on_eval(model):
         return {"orig_loss": evaluate(model, pretraining.task, "val")["val_loss"]}
 
+    def lr(label: str) -> float:
+        return (FINETUNING.lora_lr_ratio if label.startswith("LoRA") else FINETUNING.lr_ratio) * settings.lr
+
     runs: dict[str, list[Run]] = {label: [] for label in finetune_labels(settings)}
-    train_tokens = len(ft_task.streams["train"])
     for index, pretrained in enumerate(pretraining.models["dropout 0"]):
-        s = seed + index
-        for label in runs:
-            model = finetune_model(pretrained, label, settings)
-            ratio = FINETUNING.lora_lr_ratio if label.startswith("LoRA") else FINETUNING.lr_ratio
-            train_config = FINETUNING.train_config(settings.finetune_steps, ratio * settings.lr,
-                                                   eval_every=settings.finetune_eval_every, seed=s,
-                                                   progress=progress)
-            history = train(model, ft_task, train_config, on_eval=on_eval, desc=f"fine-tune {label} seed {s}")
-            runs[label].append(Run(label, history, trainable_parameters(model), train_tokens))
+        setups = {label: (lambda s, label=label, pretrained=pretrained: finetune_model(pretrained, label, settings),
+                          FINETUNING.train_config(settings.finetune_steps, lr(label),
+                                                  eval_every=settings.finetune_eval_every))
+                  for label in runs}
+        for label, done in sweep(setups, ft_task, seeds=(seed + index,), on_eval=on_eval, progress=progress).items():
+            runs[label] += done
     return runs
 
 
@@ -412,17 +371,13 @@ def show_finetune_run(runs: dict[str, list[Run]], label: str, orig_before: float
     """
     import matplotlib.pyplot as plt
 
-    from reglab.plots import colors_for
-
     colors = colors_for(runs)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
-    for name, per_seed in runs.items():
-        history = per_seed[0].history
-        alpha, width = (1.0, 2.2) if name == label else (0.25, 1.0)
-        left.plot(*history.series("val_loss"), color=colors[name], alpha=alpha, lw=width, label=name)
-        right.plot(*history.series("orig_loss"), color=colors[name], alpha=alpha, lw=width, label=name)
-        if name == label:
-            left.plot(*history.series("train_loss"), color=colors[name], ls=":", lw=width, label=f"{name} (train)")
+    for ax, key in ((left, "val_loss"), (right, "orig_loss")):
+        plot_highlighted(ax, {name: [per_seed[0].history.series(key)] for name, per_seed in runs.items()}, label,
+                         colors)
+    left.plot(*runs[label][0].history.series("train_loss"), color=colors[label], ls=":", lw=2.0,
+              label=f"{label} (train)")
     right.axhline(orig_before, color="black", lw=0.8, ls="--", label="before fine-tuning")
     left.set(title=f"new text: {label}", xlabel="step", ylabel="loss (nats per character)")
     right.set(title="original corpus (forgetting)", xlabel="step", ylabel="val loss (nats per character)")

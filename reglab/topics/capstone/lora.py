@@ -1,4 +1,4 @@
-"""LoRA: a frozen linear layer plus a trainable low-rank update, y = W x + b + (alpha / r) * B A dropout(x).
+"""Topic capstone: LoRA, a frozen linear layer plus a trainable low-rank update, y = W x + b + (alpha / r) * B A dropout(x).
 
 Hu et al. 2021 ("LoRA: Low-Rank Adaptation of Large Language Models", §4.1): the pretrained weight W
 (out, in) stays frozen; the update is the product of B (out, r) and A (r, in) with r much smaller than

@@ -1,5 +1,5 @@
-"""The course's two training recipes as objects: pretraining (one pass over a large corpus) and fine-tuning
-(many epochs over a small one), each setting with the published source it comes from.
+"""Topic capstone: the course's two training recipes as objects, pretraining (one pass over a large corpus) and
+fine-tuning (many epochs over a small one), each setting with the published source it comes from.
 
 A recipe says *which* regularizers to use and how strong; the caller says at what scale (steps, peak
 learning rate), since those depend on the model and the data. `recipe.gpt_config(base)` gives the
@@ -9,11 +9,11 @@ number to compare across recipes: lambda alone says little without the learning 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 from reglab.model import DROPOUT_SITES, GPTConfig
-from reglab.train import TrainConfig, lr_at
+from reglab.topics.weight_decay.lecture import decay_over_run, half_life, retained
+from reglab.train import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -133,25 +133,22 @@ FINETUNING = Recipe(
     },
 )
 
-RECIPES = {"pretraining": PRETRAINING, "fine-tuning": FINETUNING}
-
-
 @dataclass(frozen=True)
 class DecaySummary:
     """What AdamW's decay amounts to over a schedule (torch.optim.AdamW: theta <- theta * (1 - lr_t * lambda))."""
     peak_per_step: float       # lr * lambda at the peak
-    half_life_steps: float     # ln 2 / (lr * lambda): steps for an un-reinforced weight to halve at the peak lr
+    half_life_steps: float     # ln 2 / -ln(1 - lr * lambda): steps for an un-reinforced weight to halve at the peak lr
     integrated: float          # sum over steps of lr_t * lambda
     retained: float            # prod over steps of (1 - lr_t * lambda): what is left of a weight no gradient touches
 
 
 def decay_per_step(config: TrainConfig) -> DecaySummary:
-    """Per-step and total decay that config's learning-rate schedule and weight_decay imply."""
-    rates = [lr_at(step, config) * config.weight_decay for step in range(config.steps)]
-    peak = config.lr * config.weight_decay
-    retained = math.exp(sum(math.log1p(-rate) for rate in rates))
-    return DecaySummary(peak_per_step=peak, half_life_steps=math.log(2) / peak if peak > 0 else math.inf,
-                        integrated=sum(rates), retained=retained)
+    """Per-step and total decay that config's learning-rate schedule and weight_decay imply
+    (reglab.topics.weight_decay.lecture's `half_life` and `decay_over_run`)."""
+    integrated, kept = decay_over_run(config)
+    return DecaySummary(peak_per_step=config.lr * config.weight_decay,
+                        half_life_steps=half_life(config.lr, config.weight_decay), integrated=integrated,
+                        retained=kept)
 
 
 # Published (peak lr, lambda) pairs, to compare per-step decay: lr * lambda.
@@ -165,7 +162,7 @@ PUBLISHED_DECAY = {
 }
 
 
-def show_decay(lr: float, weight_decay: float, steps: int = 10_000):
+def show_recipe_decay(lr: float, weight_decay: float, steps: int = 10_000):
     """Plot what AdamW's decay leaves of a weight no gradient reinforces over warmup + cosine (the widget).
 
     The recipes' own settings are drawn for comparison at the same schedule: pretraining (lambda 0.1 at
@@ -173,20 +170,15 @@ def show_decay(lr: float, weight_decay: float, steps: int = 10_000):
     """
     import matplotlib.pyplot as plt
 
-    def retained(peak_lr, wd):
-        config = TrainConfig(steps=steps, lr=peak_lr, min_lr=peak_lr / 10, warmup_steps=steps // 20,
-                             weight_decay=wd)
-        left, curve = 1.0, []
-        for step in range(steps):
-            left *= 1 - lr_at(step, config) * wd            # torch.optim.AdamW: theta <- theta (1 - lr_t lambda)
-            curve.append(left)
-        return curve
+    def schedule(peak_lr, wd):   # warmup over 5% of the steps, then cosine down to peak_lr / 10
+        return TrainConfig(steps=steps, lr=peak_lr, warmup_steps=steps // 20, weight_decay=wd)
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    chosen = retained(lr, weight_decay)
+    chosen = retained(schedule(lr, weight_decay))
     ax.plot(chosen, lw=2.5, label=f"lr {lr:.0e}, lambda {weight_decay:g}")
-    ax.plot(retained(lr, PRETRAINING.weight_decay), ls="--", label=f"pretraining recipe (lambda {PRETRAINING.weight_decay:g})")
-    ax.plot(retained(FINETUNING.lr_ratio * lr, FINETUNING.weight_decay), ls=":",
+    ax.plot(retained(schedule(lr, PRETRAINING.weight_decay)), ls="--",
+            label=f"pretraining recipe (lambda {PRETRAINING.weight_decay:g})")
+    ax.plot(retained(schedule(FINETUNING.lr_ratio * lr, FINETUNING.weight_decay)), ls=":",
             label=f"fine-tuning recipe (lr x {FINETUNING.lr_ratio:g}, lambda {FINETUNING.weight_decay:g})")
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("step")
@@ -194,6 +186,5 @@ def show_decay(lr: float, weight_decay: float, steps: int = 10_000):
     ax.set_title("AdamW decay of a weight no gradient reinforces (warmup + cosine)")
     ax.legend(fontsize=8)
     plt.show()
-    half_life = math.log(2) / (lr * weight_decay) if lr * weight_decay > 0 else math.inf
-    print(f"per-step decay lr * lambda = {lr * weight_decay:.2e}; half-life at the peak {half_life:,.0f} steps; "
-          f"after {steps:,} steps {chosen[-1]:.3f} of the weight is left")
+    print(f"per-step decay lr * lambda = {lr * weight_decay:.2e}; half-life at the peak "
+          f"{half_life(lr, weight_decay):,.0f} steps; after {steps:,} steps {chosen[-1]:.3f} of the weight is left")

@@ -1,4 +1,4 @@
-"""Gradient clipping: scale the whole gradient down to norm c when it is longer, and measure what that does.
+"""Topic gradient clipping, lecture: scale the whole gradient down to norm c when it is longer; measure what that does.
 
 - `clip_grad_norm` is the reference global-norm clipping (what `torch.nn.utils.clip_grad_norm_` does);
   `clip_grad_norm_per_tensor` and `clip_grad_value` are the variants that change the gradient's direction.
@@ -6,23 +6,18 @@
   trace of pre-clip norms.
 - `adam_spike_demo` and `decay_seen_by_clip` are the two small experiments of the lecture (Adam's moments
   after a spike; where weight decay sits relative to the clip).
-- `SETTINGS` (per budget), `clip_sweep`, `warmup_runs`, `adamw_runs` and `summarize` run the lab's
-  experiment: the course transformer on characters, no warmup, at a learning rate too high for it;
-  SGD with momentum at several thresholds c, and a pair of AdamW runs without and with c = 1.
+The lab's experiment (settings per budget, the sweep over c, its summary and plots) is in
+`reglab.topics.clipping.lab`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from reglab.budget import by_budget
-from reglab.model import GPTConfig
 from reglab.plots import colors_for
-from reglab.train import History, NonFiniteLossError, TrainConfig, new_model, train
 
 # --------------------------------------------------------------------------------------------------
 # Clipping the gradient
@@ -317,214 +312,3 @@ def decay_seen_by_clip(weight: torch.Tensor, data_grad: torch.Tensor, weight_dec
         out[name] = {"norm_seen_by_clip": seen, "clip_factor": factor, "decay_term_norm": decay,
                      "clipped_grad": theta.grad.detach().clone()}
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# The lab's experiment: a sweep over c at a high learning rate without warmup
-# --------------------------------------------------------------------------------------------------
-
-
-def sgd_momentum(groups, lr, betas, eps):
-    """SGD with heavy-ball momentum betas[0], in the trainer's optimizer interface (eps is not used).
-
-    Its step is lr times the (clipped) gradient's running sum, so the clip bounds the step directly: the
-    setting of Zhang et al. (2020), where clipping is what lets a large learning rate survive sharp regions.
-    """
-    return torch.optim.SGD(groups, lr=lr, momentum=betas[0])
-
-
-@dataclass(frozen=True)
-class ClipLabSettings:
-    """One budget's experiment: the course transformer on the character corpus, no warmup, cosine decay.
-
-    The sweep over c uses SGD with momentum, whose step the clip bounds; a pair of AdamW runs at a high
-    learning rate shows what the same clip changes for Adam, whose step it does not bound (lecture, section 4).
-    """
-    n_layer: int
-    n_embd: int
-    n_head: int
-    block_size: int
-    batch_size: int
-    steps: int
-    eval_every: int
-    seeds: int                 # runs per setting: seed, seed + 1, ...
-    lr: float = 1.0            # SGD's peak lr: unclipped, the first large gradients throw the run out (measured)
-    momentum: float = 0.9      # heavy-ball momentum of SGD
-    warmup_steps: int = 50     # only in the warmup comparison; the sweep starts at the peak lr
-    clips: tuple = (None, 1.0, 0.25, 0.05)   # the thresholds c swept; None means no clipping
-    adamw_lr: float = 5e-2     # about 10x what this model trains best with: early spikes without warmup
-    adamw_betas: tuple = (0.9, 0.95)          # GPT-3's betas (Brown et al. 2020, App. B)
-    adamw_weight_decay: float = 0.1           # GPT-3's lambda (App. B)
-
-    def gpt_config(self, vocab_size: int) -> GPTConfig:
-        return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
-                         n_head=self.n_head, n_embd=self.n_embd)
-
-    def train_config(self, grad_clip: float | None, warmup_steps: int = 0, optimizer: str = "sgd") -> TrainConfig:
-        """SGD with momentum (weight decay 0: coupled L2 at lr 1 would dominate the step), or AdamW."""
-        if optimizer == "sgd":
-            return TrainConfig(steps=self.steps, lr=self.lr, warmup_steps=warmup_steps, schedule="cosine",
-                               weight_decay=0.0, betas=(self.momentum, 0.999), optimizer=sgd_momentum,
-                               grad_clip=grad_clip, eval_every=self.eval_every)
-        if optimizer == "adamw":
-            return TrainConfig(steps=self.steps, lr=self.adamw_lr, warmup_steps=warmup_steps, schedule="cosine",
-                               weight_decay=self.adamw_weight_decay, betas=self.adamw_betas, optimizer="adamw",
-                               grad_clip=grad_clip, eval_every=self.eval_every)
-        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
-
-
-SETTINGS = {
-    # seconds: the code paths of the cpu run at toy size; no effect is expected or asserted
-    "ci": ClipLabSettings(n_layer=1, n_embd=32, n_head=2, block_size=32, batch_size=8, steps=24, eval_every=12,
-                          seeds=1, warmup_steps=6),
-    # measured on 2 shared CPU cores (seeds 0, 1): unclipped SGD at lr 1 diverged at steps 11 and 13; c = 1
-    # trained both seeds to val loss 2.51; a 50-step warmup without clipping only postponed it (steps 60, 103)
-    "cpu": ClipLabSettings(n_layer=2, n_embd=64, n_head=4, block_size=64, batch_size=16, steps=400, eval_every=50,
-                           seeds=2),
-    # not measured yet: a wider, deeper model; 8 runs per seed of ~500 short steps on one GPU
-    "gpu": ClipLabSettings(n_layer=4, n_embd=256, n_head=4, block_size=128, batch_size=32, steps=500,
-                           eval_every=100, seeds=2),
-}
-
-
-def settings_for(budget: str) -> ClipLabSettings:
-    return by_budget(budget, **SETTINGS)
-
-
-def clip_label(grad_clip: float | None) -> str:
-    return "none" if grad_clip is None else f"{grad_clip:g}"
-
-
-@dataclass
-class ClipRun:
-    """One training run: its history (up to the divergence if it diverged) and what it was."""
-    label: str
-    seed: int
-    grad_clip: float | None
-    warmup_steps: int
-    history: History
-    diverged_at: int | None    # first step with a non-finite loss, None if the run finished
-
-    @property
-    def spikes(self) -> list[int]:
-        return find_spikes(self.history.loss)
-
-    @property
-    def fraction_clipped(self) -> float:
-        return fraction_clipped(self.history.grad_norm, self.grad_clip)
-
-    @property
-    def final_val_loss(self) -> float | None:
-        return None if self.diverged_at is not None or not self.history.evals else self.history.final["val_loss"]
-
-
-def run_one(label: str, gpt_config: GPTConfig, train_config: TrainConfig, task, seed: int,
-            progress: bool = True) -> ClipRun:
-    """Train a fresh model; a NaN/inf loss ends the run and is recorded, not raised."""
-    model = new_model(gpt_config, seed=seed, device=task.device)
-    config = replace(train_config, seed=seed, progress=progress)
-    try:
-        history, diverged_at = train(model, task, config, desc=f"{label} seed {seed}"), None
-    except NonFiniteLossError as err:
-        history, diverged_at = err.history, err.step
-    return ClipRun(label, seed, train_config.grad_clip, train_config.warmup_steps, history, diverged_at)
-
-
-def clip_sweep(settings: ClipLabSettings, task, vocab_size: int, seed: int = 0,
-               progress: bool = True) -> dict[str, list[ClipRun]]:
-    """SGD at every c of settings.clips, no warmup: {label ('none', '1', ...): [ClipRun per seed]}."""
-    gpt = settings.gpt_config(vocab_size)
-    return {clip_label(c): [run_one(clip_label(c), gpt, settings.train_config(c), task, seed + i, progress)
-                            for i in range(settings.seeds)]
-            for c in settings.clips}
-
-
-def warmup_runs(settings: ClipLabSettings, task, vocab_size: int, seed: int = 0,
-                progress: bool = True) -> dict[str, list[ClipRun]]:
-    """SGD with a warmup instead of clipping, and with both: {'warmup, none': ..., 'warmup, 1': ...}."""
-    gpt = settings.gpt_config(vocab_size)
-    out = {}
-    for c in (None, 1.0):
-        label = f"warmup, {clip_label(c)}"
-        out[label] = [run_one(label, gpt, settings.train_config(c, settings.warmup_steps), task, seed + i,
-                              progress) for i in range(settings.seeds)]
-    return out
-
-
-def adamw_runs(settings: ClipLabSettings, task, vocab_size: int, seed: int = 0,
-               progress: bool = True) -> dict[str, list[ClipRun]]:
-    """AdamW at its high lr, no warmup, without and with c = 1: {'AdamW, none': ..., 'AdamW, 1': ...}."""
-    gpt = settings.gpt_config(vocab_size)
-    out = {}
-    for c in (None, 1.0):
-        label = f"AdamW, {clip_label(c)}"
-        out[label] = [run_one(label, gpt, settings.train_config(c, optimizer="adamw"), task, seed + i, progress)
-                      for i in range(settings.seeds)]
-    return out
-
-
-def summarize(results: dict[str, list[ClipRun]]) -> dict[str, dict]:
-    """Per setting: spikes per seed, final val loss (mean over the seeds that finished), fraction clipped,
-    and the step each seed diverged at (None where it finished)."""
-    out = {}
-    for label, runs in results.items():
-        finals = [r.final_val_loss for r in runs if r.final_val_loss is not None]
-        out[label] = {"spikes": [len(r.spikes) for r in runs],
-                      "final_val_loss": float(np.mean(finals)) if finals else None,
-                      "fraction_clipped": float(np.mean([r.fraction_clipped for r in runs])),
-                      "diverged_at": [r.diverged_at for r in runs]}
-    return out
-
-
-def plot_sweep(results: dict[str, list[ClipRun]], colors: dict | None = None):
-    """Left: training loss per step (every seed); right: the pre-clip gradient norm per step (log axis)."""
-    colors = colors or colors_for(results)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8))
-    for label, runs in results.items():
-        for i, run in enumerate(runs):
-            loss = np.asarray(run.history.loss, dtype=float)
-            name = f"c = {label}" if i == 0 else None
-            left.plot(loss, color=colors[label], lw=0.8, alpha=0.85, label=name)
-            left.scatter(run.spikes, loss[run.spikes] if run.spikes else [], color=colors[label], marker="v",
-                         s=30, zorder=3)
-            right.semilogy(run.history.grad_norm, color=colors[label], lw=0.7, alpha=0.85, label=name)
-    left.set(title="training loss (triangles: spikes)", xlabel="step", ylabel="loss (nats per character)")
-    finite = [x for runs in results.values() for r in runs for x in r.history.loss if math.isfinite(x)]
-    if finite:
-        left.set_ylim(min(finite) * 0.95, min(max(finite), 2 * np.median(finite)) * 1.05)
-    right.set(title="pre-clip gradient norm", xlabel="step", ylabel="||g|| (log)")
-    left.legend(fontsize=8)
-    right.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def show_sweep_result(label: str, results: dict[str, list[ClipRun]], colors: dict | None = None) -> dict:
-    """Widget: one setting of the sweep highlighted over the others, with its figures printed."""
-    colors = colors or colors_for(results)
-    runs = results[label]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.6))
-    for other, other_runs in results.items():
-        highlight = other == label
-        for run in other_runs:
-            kwargs = dict(color=colors[other] if highlight else "0.8", lw=1.0 if highlight else 0.6,
-                          zorder=3 if highlight else 1)
-            left.plot(run.history.loss, **kwargs)
-            right.semilogy(run.history.grad_norm, **kwargs)
-    c = runs[0].grad_clip
-    if c is not None:
-        right.axhline(c, color=colors[label], ls="--", label=f"c = {c:g}")
-        right.legend(fontsize=8)
-    summary = summarize({label: runs})[label]
-    left.set(title=f"c = {label}: spikes {summary['spikes']}, final val loss "
-                   f"{summary['final_val_loss'] if summary['final_val_loss'] is None else round(summary['final_val_loss'], 3)}",
-             xlabel="step", ylabel="training loss (nats per character)")
-    finite = [x for rs in results.values() for r in rs for x in r.history.loss if math.isfinite(x)]
-    if finite:
-        left.set_ylim(min(finite) * 0.95, min(max(finite), 2 * np.median(finite)) * 1.05)
-    right.set(title=f"pre-clip norm: {summary['fraction_clipped']:.1%} of steps clipped", xlabel="step",
-              ylabel="||g|| (log)")
-    fig.tight_layout()
-    plt.show()
-    print(f"c = {label}: {summary}")
-    return summary

@@ -1,4 +1,4 @@
-"""The dropout lab's experiments: per-budget settings in one place, and the small runners its cells call.
+"""Topic dropout, lab: the lab's experiments, with per-budget settings in one place and the runners its cells call.
 
 Four experiments on the course model (reglab.model.GPT, whose dropout is PyTorch's):
 1. small data, many epochs: sweep p, watch train and val loss part (the overfitting regime);
@@ -17,9 +17,9 @@ import numpy as np
 from reglab.budget import by_budget
 from reglab.data import corpus_task
 from reglab.model import DROPOUT_SITES, GPTConfig
-from reglab.plots import colors_for
+from reglab.plots import colors_for, plot_highlighted
 from reglab.topics.dropout.recall import recall_metrics, recall_task
-from reglab.train import TrainConfig, sweep
+from reglab.train import TrainConfig, histories, sweep
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,8 @@ SETTINGS = {
 }
 
 
-def lab_settings(budget: str) -> LabSettings:
+def settings_for(budget: str) -> LabSettings:
+    """The lab's settings for a budget ('ci', 'cpu', 'gpu' or 'auto')."""
     return by_budget(budget, **SETTINGS)
 
 
@@ -92,7 +93,7 @@ def label(p: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Runners: each returns {label: [History per seed]}
+# Runners: each returns {label: [History per seed]} of a reglab.train.sweep
 # ---------------------------------------------------------------------------------------------------
 
 def small_data_task(settings: LabSettings, corpus: str, session):
@@ -108,14 +109,14 @@ def _seeds(settings: LabSettings, session) -> list[int]:
 def p_sweep(settings: LabSettings, text, task, session) -> dict:
     """Experiment 1: dropout p at every site, for each p in settings.ps."""
     runs = {label(p): (settings.gpt(text.vocab_size, p), settings.train_config()) for p in settings.ps}
-    return sweep(runs, task, seeds=_seeds(settings, session))
+    return histories(sweep(runs, task, seeds=_seeds(settings, session)))
 
 
 def site_sweep(settings: LabSettings, text, task, session) -> dict:
     """Experiment 2: dropout site_p at one site at a time (the sweep's p = 0 and all-sites runs are the references)."""
     runs = {site: (settings.gpt(text.vocab_size, settings.site_p, [site]), settings.train_config())
             for site in DROPOUT_SITES}
-    return sweep(runs, task, seeds=_seeds(settings, session))
+    return histories(sweep(runs, task, seeds=_seeds(settings, session)))
 
 
 def single_pass_sweep(settings: LabSettings, corpus: str, session) -> dict:
@@ -125,7 +126,7 @@ def single_pass_sweep(settings: LabSettings, corpus: str, session) -> dict:
     steps = min(task.single_pass_steps, settings.single_pass_max_steps)
     config = replace(settings.train_config(steps), eval_every=max(1, steps // 8))
     runs = {label(p): (settings.gpt(text.vocab_size, p), config) for p in (0.0, settings.compare_p)}
-    return sweep(runs, task, seeds=_seeds(settings, session))
+    return histories(sweep(runs, task, seeds=_seeds(settings, session)))
 
 
 def recall_sweep(settings: LabSettings, session):
@@ -137,7 +138,7 @@ def recall_sweep(settings: LabSettings, session):
     config = replace(settings.train_config(settings.recall_steps, settings.recall_lr),
                      eval_every=max(1, settings.recall_steps // 10))
     runs = {label(p): (base.with_dropout(p), config) for p in (0.0, settings.compare_p)}
-    return task, sweep(runs, task, seeds=_seeds(settings, session), on_eval=recall_metrics(task))
+    return task, histories(sweep(runs, task, seeds=_seeds(settings, session), on_eval=recall_metrics(task)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,16 +183,16 @@ def print_summary(table: dict, title: str) -> None:
 
 def plot_train_val(ax, results: dict, colors: dict, title: str, highlight: str | None = None):
     """Val loss (solid) and train loss (dashed) per setting: the mean over seeds, with the min-max band
-    when there are several. With highlight, every other setting is drawn faded and unlabelled."""
-    for name, histories in results.items():
-        faded = highlight is not None and name != highlight
-        for key, style in (("val_loss", "-"), ("train_loss", "--")):
-            steps = histories[0].series(key)[0]
-            values = np.array([h.series(key)[1] for h in histories], dtype=float)     # (seeds, evals)
-            ax.plot(steps, values.mean(0), style, color=colors[name], alpha=0.2 if faded else 1.0,
-                    label=None if faded else f"{name} {key.split('_')[0]}")
-            if len(histories) > 1 and not faded:
+    when there are several. With highlight, every other setting is drawn faded and without its band."""
+    for key, style in (("val_loss", "-"), ("train_loss", "--")):
+        means = {}
+        for name, per_seed in results.items():
+            steps = per_seed[0].series(key)[0]
+            values = np.array([h.series(key)[1] for h in per_seed], dtype=float)     # (seeds, evals)
+            means[name] = [(steps, values.mean(0))]
+            if len(per_seed) > 1 and highlight in (None, name):
                 ax.fill_between(steps, values.min(0), values.max(0), color=colors[name], alpha=0.15)
+        plot_highlighted(ax, means, highlight, colors, style, legend="{} " + key.split("_")[0])
     ax.set(title=title, xlabel="step", ylabel="loss (nats per character)")
     ax.legend(fontsize=7, ncol=2)
     return ax

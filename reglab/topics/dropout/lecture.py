@@ -1,5 +1,5 @@
-"""Dropout, derived and measured: the mask's statistics, dropout before a norm layer, where the course
-model drops, and what a dropout step costs on the reader's device.
+"""Topic dropout, lecture: dropout derived and measured (the mask's statistics, dropout before a norm layer,
+where the course model drops, and what a dropout step costs on the reader's device).
 
 Everything here uses PyTorch's own dropout (`torch.nn.functional.dropout`, `nn.Dropout` and the dropout
 inside `scaled_dot_product_attention`); the lab asks the student to write one and checks it against these.
@@ -38,7 +38,7 @@ class NotebookSettings:
     votes: int = 9           # samples per answer for majority voting
 
 
-NOTEBOOK_SETTINGS = {
+SETTINGS = {
     "ci": NotebookSettings(cost_n_layer=1, cost_n_embd=32, cost_block_size=32, cost_batch_size=8, cost_steps=3,
                            cost_rounds=1, sampler_facts=32, sampler_n_embd=32, sampler_steps=120),
     "cpu": NotebookSettings(cost_n_layer=2, cost_n_embd=64, cost_block_size=64, cost_batch_size=16, cost_steps=10,
@@ -48,8 +48,9 @@ NOTEBOOK_SETTINGS = {
 }
 
 
-def notebook_settings(budget: str) -> NotebookSettings:
-    return by_budget(budget, **NOTEBOOK_SETTINGS)
+def settings_for(budget: str) -> NotebookSettings:
+    """The lecture notebook's settings for a budget ('ci', 'cpu', 'gpu' or 'auto')."""
+    return by_budget(budget, **SETTINGS)
 
 
 def _check_p(p: float) -> float:

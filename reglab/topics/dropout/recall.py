@@ -1,4 +1,4 @@
-"""Exact recall: random facts (keys mapped to random values) that a model must reproduce token for token.
+"""Topic dropout: exact recall of random facts (keys mapped to random values) that a model must reproduce token for token.
 
 A fact is a key of `key_len` random tokens followed by a value of `value_len` random tokens, e.g.
 `[7, 2, 9, 4 | 11, 3]`. The model reads the key and must continue it with exactly the value. Nothing

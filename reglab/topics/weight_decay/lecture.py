@@ -1,22 +1,20 @@
-"""Weight decay under Adam: why L2 and decoupled decay differ, how strong a lambda is, and what it does to grokking.
+"""Topic weight decay, lecture: why L2 and decoupled decay differ under Adam, and how much a lambda removes over a run.
 
 - `simulate_decay` / `show_decay`: weights whose loss gradient is zero-mean noise of very different
   scales, trained with Adam + L2 and with AdamW (PyTorch's own optimizers), so the only pull on them
   is the decay; the widget draws their trajectories.
-- `decay_over_run` / `integrated_decay_estimate` / `half_life`: how much a lambda removes over a schedule.
-- Grokking on modular addition with the course transformer: settings per budget (`GROKKING`, picked
-  with `grokking_settings`), the runs, the step at which test accuracy passes 99%, and plots.
+- `retained` / `decay_over_run` / `integrated_decay_estimate` / `half_life`: what AdamW's factor
+  (1 - lr_t * lambda) per step leaves of a weight no gradient reinforces over a schedule. These are the
+  course's one implementation; the capstone's recipes use them too.
+The lab's grokking experiment is in `reglab.topics.weight_decay.lab`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 
 import torch
 
-from reglab.budget import by_budget
-from reglab.model import GPTConfig
-from reglab.train import History, TrainConfig, lr_at
+from reglab.train import TrainConfig, lr_at
 
 OPTIMIZERS = ("adamw", "adam_l2", "sgd_l2", "sgdw")
 
@@ -85,245 +83,43 @@ def show_decay(weight_decay: float = 0.1, lr: float = 1e-2, steps: int = 1000, g
 
 
 # ------------------------------------------------------------------------- how strong is a lambda
+def retained(config: TrainConfig) -> list[float]:
+    """After each step of config's schedule (`lr_at`), the fraction left of a weight no gradient reinforces.
+
+    torch.optim.AdamW multiplies every decayed weight by (1 - lr_t * lambda) at step t, so after step t
+    the weight keeps prod_{s <= t} (1 - lr_s * lambda), summed here as logs: exp(sum_s log1p(-lr_s * lambda)).
+    """
+    kept, log_kept = [], 0.0
+    for step in range(config.steps):
+        log_kept += math.log1p(-lr_at(step, config) * config.weight_decay)
+        kept.append(math.exp(log_kept))
+    return kept
+
+
 def decay_over_run(config: TrainConfig) -> tuple[float, float]:
-    """(lambda * sum_t lr_t, prod_t (1 - lr_t * lambda)) over the run's schedule (`lr_at`), in one pass.
+    """(lambda * sum_t lr_t, prod_t (1 - lr_t * lambda)) over the run's schedule (`lr_at`).
 
     The first is the integrated decay, the exponent of what decay alone does over the run; the second
-    is the fraction of a weight that no gradient reinforces left at the end (~ exp(-first)).
+    is the fraction of a weight that no gradient reinforces left at the end (~ exp(-first)), `retained`'s last value.
     """
-    total_lr, log_kept = 0.0, 0.0
-    for step in range(config.steps):
-        lr = lr_at(step, config)
-        total_lr += lr
-        log_kept += math.log1p(-lr * config.weight_decay)
-    return config.weight_decay * total_lr, math.exp(log_kept)
+    total_lr = sum(lr_at(step, config) for step in range(config.steps))
+    return config.weight_decay * total_lr, retained(config)[-1]
 
 
 def integrated_decay_estimate(config: TrainConfig) -> float:
     """lambda * (lr_max + lr_min) * T / 2: the cosine's mean lr times the steps (warmup ignored)."""
-    min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
-    return config.weight_decay * (config.lr + min_lr) * config.steps / 2
+    return config.weight_decay * (config.lr + config.lr_floor) * config.steps / 2
 
 
 def half_life(lr: float, weight_decay: float) -> float:
-    """Steps until decay alone halves a weight at a constant lr: ln 2 / -ln(1 - lr * wd) ~ 0.69 / (lr * wd)."""
+    """Steps until decay alone halves a weight at a constant lr.
+
+    Each step multiplies the weight by (1 - lr * wd), so n steps leave (1 - lr * wd)^n = 1/2 at
+    n = ln 2 / -ln(1 - lr * wd), which is ~ ln 2 / (lr * wd) (= 0.69 / (lr * wd)) while lr * wd << 1.
+    Infinite without decay.
+    """
+    if lr * weight_decay == 0:
+        return math.inf
     if not 0 < lr * weight_decay < 1:
-        raise ValueError(f"need 0 < lr * weight_decay < 1, got {lr * weight_decay}")
+        raise ValueError(f"need 0 <= lr * weight_decay < 1, got {lr * weight_decay}")
     return math.log(2) / -math.log1p(-lr * weight_decay)
-
-
-# ------------------------------------------------------------------------------------- grokking
-@dataclass(frozen=True)
-class GrokkingSettings:
-    modulus: int                 # addition mod this prime; Nanda et al. 2023 use 113
-    train_fraction: float        # share of all modulus**2 pairs that trains (the rest tests)
-    n_embd: int                  # width of the one-layer transformer
-    n_head: int                  # attention heads (n_embd must divide by it)
-    mlp_ratio: int               # FFN width = mlp_ratio * n_embd
-    lr: float                    # constant after a short warmup
-    betas: tuple                 # (0.9, 0.98), as in Nanda et al. 2023
-    max_steps: int               # the step budget every setting gets
-    warmup_steps: int            # linear warmup, then the lr stays constant
-    eval_every: int              # steps between evaluations of train and test accuracy
-    seeds: tuple                 # model init and train/test split both follow the seed
-    weight_decays: tuple         # the AdamW sweep
-    l2_weight_decays: tuple      # Adam + L2: the same lambda as AdamW's strongest, and one matched to its decay
-    stop_after: int              # evaluations in a row with test accuracy >= 99% before a run stops
-
-
-GROKKING = {
-    # seconds on one CPU thread: real code paths, no effect promised
-    "ci": GrokkingSettings(modulus=11, train_fraction=0.5, n_embd=16, n_head=2, mlp_ratio=4, lr=3e-3,
-                           betas=(0.9, 0.98), max_steps=30, warmup_steps=5, eval_every=10, seeds=(0,),
-                           weight_decays=(0.0, 0.1, 1.0), l2_weight_decays=(1.0, 0.01), stop_after=3),
-    # minutes on 2 cores: p = 31 and d = 64 at a higher lr. Measured (seed 0): lambda = 1 passed 99% test
-    # accuracy at step 1,000 on two torch threads (1,700 on one), lambda = 0 and 0.1 stayed at 42% for
-    # 3,000 steps (seed 1 grokked at 850)
-    "cpu": GrokkingSettings(modulus=31, train_fraction=0.5, n_embd=64, n_head=4, mlp_ratio=4, lr=3e-3,
-                            betas=(0.9, 0.98), max_steps=3000, warmup_steps=10, eval_every=50, seeds=(0,),
-                            weight_decays=(0.0, 0.1, 1.0), l2_weight_decays=(1.0, 0.01), stop_after=4),
-    # one GPU: the `cpu` task with three seeds. Nanda et al.'s setting (p = 113, d = 128, 4 heads, MLP 512,
-    # half the pairs, full batch, lr 1e-3, betas (0.9, 0.98)) does NOT grok with the course model
-    # (pre-LayerNorm, GPT-2 initialization): run on a CPU, lambda = 0 passed 99% test accuracy at step 200
-    # and lambda = 1 at step 100 (seed 0), so it shows no effect of weight decay. The time on a GPU is not
-    # yet measured: 5 settings x 3 seeds x at most 3,000 full-batch steps of a tiny model.
-    "gpu": GrokkingSettings(modulus=31, train_fraction=0.5, n_embd=64, n_head=4, mlp_ratio=4, lr=3e-3,
-                            betas=(0.9, 0.98), max_steps=3000, warmup_steps=10, eval_every=50, seeds=(0, 1, 2),
-                            weight_decays=(0.0, 0.1, 1.0), l2_weight_decays=(1.0, 0.01), stop_after=4),
-}
-
-
-def grokking_settings(budget: str) -> GrokkingSettings:
-    return by_budget(budget, **GROKKING)
-
-
-def grokking_model(settings: GrokkingSettings) -> GPTConfig:
-    """One layer, classifier on the last position ('='): tokens a, b, '=' -> (a + b) mod p."""
-    return GPTConfig(vocab_size=settings.modulus + 1, block_size=3, n_layer=1, n_head=settings.n_head,
-                     n_embd=settings.n_embd, mlp_ratio=settings.mlp_ratio, n_classes=settings.modulus, pool="last")
-
-
-def grokking_label(weight_decay: float, optimizer: str = "adamw") -> str:
-    name = "AdamW" if optimizer == "adamw" else "Adam+L2"
-    return f"{name} λ={weight_decay:g}"
-
-
-def grokking_runs(settings: GrokkingSettings) -> dict[str, tuple[GPTConfig, TrainConfig]]:
-    """{label: (GPTConfig, TrainConfig)}: the AdamW lambda sweep, then Adam + L2 at each l2 lambda.
-
-    Full batch, constant lr after warmup, no clipping: the reference setup's optimizer.
-    """
-    model = grokking_model(settings)
-    base = TrainConfig(steps=settings.max_steps, lr=settings.lr, warmup_steps=settings.warmup_steps,
-                       schedule="constant", betas=settings.betas, grad_clip=None, eval_every=settings.eval_every)
-    runs = {grokking_label(wd): (model, replace(base, weight_decay=wd)) for wd in settings.weight_decays}
-    for wd in settings.l2_weight_decays:
-        runs[grokking_label(wd, "adam_l2")] = (model, replace(base, weight_decay=wd, optimizer="adam_l2"))
-    return runs
-
-
-def matrix_norm(model: torch.nn.Module) -> dict[str, float]:
-    """on_eval extra: the norm of the >= 2-D tensors only, the part weight decay acts on."""
-    with torch.no_grad():
-        squares = sum(p.float().pow(2).sum() for p in model.parameters() if p.dim() >= 2)
-    return {"matrix_norm": float(squares.sqrt())}
-
-
-def held_above(key: str = "val_acc", threshold: float = 0.99, evals: int = 5):
-    """A stop_when for `train`: True once the last `evals` evaluations all had key >= threshold."""
-    def stop_when(history: History) -> bool:
-        recent = history.evals[-evals:]
-        return len(recent) == evals and all(e[key] >= threshold for e in recent)
-    return stop_when
-
-
-def run_grokking(settings: GrokkingSettings, device="cpu", seed: int = 0, progress: bool = True) -> dict[str, list[History]]:
-    """Train every setting for every seed; each run stops early once test accuracy has held >= 99%.
-
-    Seed s shifts both the train/test split and the model init (seeds are offset by the notebook's seed).
-    """
-    from reglab.data import modular_addition
-    from reglab.train import new_model, train
-    results = {label: [] for label in grokking_runs(settings)}
-    for offset in settings.seeds:
-        run_seed = seed + offset
-        task = modular_addition(settings.modulus, settings.train_fraction, seed=run_seed, device=device)
-        for label, (model_config, train_config) in grokking_runs(settings).items():
-            model = new_model(model_config, seed=run_seed, device=device)
-            config = replace(train_config, seed=run_seed, progress=progress)
-            results[label].append(train(model, task, config, on_eval=matrix_norm, desc=f"{label} seed {run_seed}",
-                                        stop_when=held_above("val_acc", 0.99, settings.stop_after)))
-    return results
-
-
-def grok_step(history: History, threshold: float = 0.99) -> int | None:
-    """The first evaluated step with test (val) accuracy >= threshold; None if it never got there."""
-    return next((e["step"] for e in history.evals if e["val_acc"] >= threshold), None)
-
-
-def grokking_summary(results: dict[str, list[History]], settings: GrokkingSettings) -> dict:
-    """Per setting: the step each seed passed 99% test accuracy ("not within budget" otherwise), final
-    train and test accuracy, and the weight norms at the last evaluation."""
-    summary = {}
-    for label, histories in results.items():
-        steps = [grok_step(h) for h in histories]
-        summary[label] = {
-            "grok_step": [s if s is not None else f"not within {settings.max_steps} steps" for s in steps],
-            "grokked_seeds": sum(s is not None for s in steps),
-            "final_train_acc": [h.final["train_acc"] for h in histories],
-            "final_test_acc": [h.final["val_acc"] for h in histories],
-            "best_test_acc": [max(e["val_acc"] for e in h.evals) for h in histories],
-            "final_weight_norm": [h.final["weight_norm"] for h in histories],
-            "final_matrix_norm": [h.final["matrix_norm"] for h in histories],
-            "steps_run": [h.final["step"] for h in histories],
-            "wall_s": [h.wall_time for h in histories],
-        }
-    return summary
-
-
-def _plot_runs(axes, results, colors, highlight=None):
-    for label, histories in results.items():
-        faded = highlight is not None and label != highlight
-        alpha, width = (0.25, 1.0) if faded else (1.0, 1.8)
-        for i, h in enumerate(histories):
-            name = label if i == 0 else None
-            steps, test = h.series("val_acc")
-            axes[0].plot(steps, test, "-", color=colors[label], alpha=alpha, lw=width, label=name)
-            axes[0].plot(steps, h.series("train_acc")[1], ":", color=colors[label], alpha=alpha, lw=width)
-            axes[1].plot(steps, h.series("matrix_norm")[1], "-", color=colors[label], alpha=alpha, lw=width,
-                         label=name)
-            axes[1].plot(steps, h.series("weight_norm")[1], "--", color=colors[label], alpha=alpha, lw=width)
-    axes[0].axhline(0.99, color="gray", lw=0.8)
-    axes[0].set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02),
-                title="test accuracy (solid), train (dotted); gray: 99%")
-    axes[1].set(xlabel="step", ylabel="L2 norm", yscale="log",
-                title="norm of decayed matrices (solid), all weights (dashed)")
-    axes[0].legend(fontsize=8, loc="lower right")
-
-
-def plot_grokking(results: dict[str, list[History]], colors: dict | None = None):
-    """Accuracy and weight norms against step for every setting (one line per seed)."""
-    import matplotlib.pyplot as plt
-
-    from reglab.plots import colors_for
-    colors = colors or colors_for(results)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    _plot_runs(axes, results, colors)
-    fig.suptitle("Grokking on modular addition: weight decay sweep")
-    fig.tight_layout()
-    return fig
-
-
-def show_grokking(results: dict[str, list[History]], setting: str, colors: dict | None = None):
-    """The slider's view: one setting's curves in full color over the others faded, and its numbers."""
-    import matplotlib.pyplot as plt
-
-    from reglab.plots import colors_for
-    if setting not in results:
-        raise ValueError(f"setting must be one of {list(results)}, got {setting!r}")
-    colors = colors or colors_for(results)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    _plot_runs(axes, results, colors, highlight=setting)
-    fig.suptitle(setting)
-    fig.tight_layout()
-    plt.show()
-    for i, h in enumerate(results[setting]):
-        step = grok_step(h)
-        reached = f"passed 99% test accuracy at step {step}" if step else "did not pass 99% test accuracy"
-        print(f"{setting}, run {i}: {reached}; final train {h.final['train_acc']:.1%}, test {h.final['val_acc']:.1%}, "
-              f"matrix norm {h.final['matrix_norm']:.1f} after {h.final['step']} steps")
-
-
-# ------------------------------------------------------------------ Adam + L2 at matched strength (lab §5)
-def adam_gradient_scale(model_config: GPTConfig, task, lr: float, betas: tuple, weight_decay: float = 1.0,
-                        steps: int = 200, seed: int = 0) -> dict[str, float]:
-    """sqrt(v_hat), Adam's running RMS of the loss gradient, over the decayed (>= 2-D) weights of a fresh model
-    after `steps` full-batch torch.optim.AdamW steps (the course's param groups, constant lr): its median and
-    quartiles over all their entries. Bias-corrected: v_hat = v / (1 - beta2**t)."""
-    from reglab.train import loss_fn, make_optimizer, new_model
-    model = new_model(model_config, seed=seed, device=task.device).train()
-    optimizer = make_optimizer(model, TrainConfig(lr=lr, betas=betas, weight_decay=weight_decay, grad_clip=None))
-    x, y = task.splits["train"]                                                  # full batch
-    for _ in range(steps):
-        loss = loss_fn(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    rms = []
-    for p in model.parameters():
-        if p.dim() >= 2 and p in optimizer.state:
-            state = optimizer.state[p]
-            rms.append((state["exp_avg_sq"] / (1 - betas[1] ** float(state["step"]))).sqrt().flatten())
-    rms = torch.cat(rms).double().cpu()
-    q1, median, q3 = (float(torch.quantile(rms, q)) for q in (0.25, 0.5, 0.75))
-    return {"median": median, "q1": q1, "q3": q3, "steps": steps, "weight_decay": weight_decay}
-
-
-def matched_l2_weight_decay(adamw_weight_decay: float, sqrt_v_hat: float) -> float:
-    """The L2 lambda whose decay per step matches AdamW's on a weight the loss does not hold.
-
-    AdamW removes lr * lambda_W * theta per step. Adam + L2 adds lambda_L2 * theta to the gradient and divides
-    by sqrt(v_hat) + eps; while the loss gradient sets v_hat, it removes lr * lambda_L2 * theta / sqrt(v_hat).
-    Equal when lambda_L2 = lambda_W * sqrt(v_hat) (eps << sqrt(v_hat)).
-    """
-    return adamw_weight_decay * sqrt_v_hat
