@@ -22,6 +22,11 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
 	$(PY) -m pip install -e ".[test]"
+	@# nbgrader comes for its command line (a test autogrades the labs with it); its JupyterLab panels
+	@# would only confuse a student, so the course's JupyterLab does not load them.
+	$(VENV)/bin/jupyter labextension disable --level=sys_prefix @jupyter/nbgrader >/dev/null
+	for e in formgrader validate_assignment assignment_list course_list; do \
+	  $(VENV)/bin/jupyter server extension disable --sys-prefix nbgrader.server_extensions.$$e >/dev/null; done
 	touch $@
 
 labs: install             ## regenerate labs/ from solutions/
