@@ -3,8 +3,9 @@
     python -m reglab.bench model [--n-layer 6 --n-head 6 --n-embd 384 --block-size 256 --batch-size 64
                                   --steps 50 --compile]
     python -m reglab.bench lab dropout --budget cpu     # executes the solution with papermill
-    python -m reglab.bench grade --lab dropout --n 30 --workers 2   # grades 30 copies of the solution,
-                                                                    # with the sandbox and without
+    python -m reglab.bench grade --lab dropout --n 30 --workers 2   # 30 copies of the solution graded
+                                                                    # with the sandbox, then without
+    python -m reglab.bench grade --n 60 --workers 2 --compare scheduler   # process pool vs a LocalCluster
 
 Speeds belong here, printed, not in timed unit tests.
 """
@@ -98,8 +99,11 @@ def bench_lab(args) -> dict:
 
 
 def bench_grade(args) -> dict:
-    """Grade n copies of a lab's solution with the sandbox, then n without; print both per-submission
-    times and their ratio (the sandbox's cost; goal <= 1.1x)."""
+    """Grade n copies of a lab's solution in two modes, one after the other in one run, and print each
+    mode's total and per-submission times and their ratios:
+    --compare sandbox: the process pool with the sandbox, then without (its cost; goal <= 1.1x);
+    --compare scheduler: the process pool, then a Dask LocalCluster of as many workers (goal: the
+    cluster keeps >= 0.9 of the pool's throughput)."""
     import shutil
 
     from reglab.grading.cli import grade
@@ -109,14 +113,18 @@ def bench_grade(args) -> dict:
 
     skip_slow_optional_imports()
     lab = load_lab(args.lab)
-    try:                                   # the solution is trusted code: without the sandbox it may run as root
-        plain_uid = choose_uid("auto", sandboxed=False)
-    except ValueError:
-        plain_uid = None
-    modes = {"sandbox": Options(budget=args.budget, timeout_s=args.timeout, uid=choose_uid("auto", sandboxed=True)),
-             "no sandbox": Options(budget=args.budget, timeout_s=args.timeout, uid=plain_uid, sandbox=False)}
-    medians = {}
-    for mode, options in modes.items():
+    sandboxed = Options(budget=args.budget, timeout_s=args.timeout, uid=choose_uid("auto", sandboxed=True))
+    if args.compare == "sandbox":
+        try:                               # the solution is trusted code: without the sandbox it may run as root
+            plain_uid = choose_uid("auto", sandboxed=False)
+        except ValueError:
+            plain_uid = None
+        modes = {"sandbox": (sandboxed, None),
+                 "no sandbox": (Options(budget=args.budget, timeout_s=args.timeout, uid=plain_uid, sandbox=False), None)}
+    else:
+        modes = {"process pool": (sandboxed, None), "--scheduler local": (sandboxed, "local")}
+    medians, totals = {}, {}
+    for mode, (options, scheduler) in modes.items():
         with tempfile.TemporaryDirectory(prefix="reglab-bench-grade-") as folder:
             submissions = []
             for i in range(args.n):
@@ -125,21 +133,25 @@ def bench_grade(args) -> dict:
                 shutil.copyfile(lab.solution, path)
                 submissions.append((path, path.stem))
             start = time.perf_counter()
-            done = grade(lab, submissions, Path(folder) / "out", options, workers=args.workers, log=lambda line: None)
-            total = time.perf_counter() - start
+            done = grade(lab, submissions, Path(folder) / "out", options, workers=args.workers, log=lambda line: None,
+                         scheduler=scheduler)
+            totals[mode] = time.perf_counter() - start
         times = sorted(g.seconds for g in done)
         medians[mode] = times[len(times) // 2]
         statuses = {s: sum(g.status == s for g in done) for s in STATUSES}
         user = "the grader's own user" if options.uid is None else f"uid {options.uid} + worker slot"
         print(f"{mode} ({user}): graded {args.n} copies of {lab.solution.name} (budget {args.budget}, "
-              f"{args.workers} workers) in {total:.1f} s")
+              f"{args.workers} workers) in {totals[mode]:.1f} s = {args.n / totals[mode] * 60:.1f} submissions/min")
         print(f"  per submission: min {times[0]:.1f} s, median {medians[mode]:.1f} s, max {times[-1]:.1f} s; "
               + ", ".join(f"{k} {v}" for k, v in statuses.items() if v)
               + f"; full marks: {sum(g.score == lab.max_score for g in done)} of {args.n}")
-    ratio = medians["sandbox"] / medians["no sandbox"]
-    print(f"per-submission median with the sandbox / without: {medians['sandbox']:.2f} s / "
-          f"{medians['no sandbox']:.2f} s = {ratio:.3f}x (goal <= 1.1x)")
-    return {"median_s": medians, "ratio": ratio}
+    first, second = modes
+    ratio = medians[first] / medians[second]
+    print(f"per-submission median, {first} / {second}: {medians[first]:.2f} s / {medians[second]:.2f} s = {ratio:.3f}x"
+          + (" (goal <= 1.1x)" if args.compare == "sandbox" else ""))
+    throughput = totals[first] / totals[second]
+    print(f"throughput, {second} / {first}: {throughput:.3f}" + (" (goal >= 0.9)" if args.compare == "scheduler" else ""))
+    return {"median_s": medians, "total_s": totals, "median_ratio": ratio, "throughput_ratio": throughput}
 
 
 def main(argv=None) -> int:
@@ -162,13 +174,15 @@ def main(argv=None) -> int:
     lab.add_argument("--seed", type=int, default=0)
     lab.add_argument("--device", default="auto")
     lab.add_argument("--out", help="folder for the executed notebook (default: a temporary folder)")
-    grade = sub.add_parser("grade", help="grade n copies of a lab's solution with and without the sandbox; "
-                           "print per-submission times and their ratio")
+    grade = sub.add_parser("grade", help="grade n copies of a lab's solution in two modes (--compare); print "
+                           "per-submission times, throughput and their ratios")
     grade.add_argument("--lab", default="dropout", help="short name or a solution's path")
     grade.add_argument("--n", type=int, default=30, help="copies graded in each mode")
     grade.add_argument("--workers", type=int, default=2)
     grade.add_argument("--budget", default="ci", choices=["ci", "cpu", "gpu"])
     grade.add_argument("--timeout", type=float, default=300.0, help="seconds per submission")
+    grade.add_argument("--compare", default="sandbox", choices=["sandbox", "scheduler"],
+                       help="sandbox: with vs without bubblewrap; scheduler: process pool vs --scheduler local")
     args = parser.parse_args(argv)
     if args.what == "model":
         bench_model(args)
