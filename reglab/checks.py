@@ -167,6 +167,14 @@ def refuse_shortcuts(data: dict, shortcuts, what: str) -> None:
             raise CheckFailed(f"{what} uses {shortcut.path}, which this lab refuses: {shortcut.why}")
 
 
+def refuse(lab: str, names: str, exercise: str, *shortcuts: Shortcut) -> None:
+    """Re-register the checks "<lab>.<name>" (names: space-separated) so that they refuse the shortcuts;
+    the student reads each one's why, then what the exercise asks for instead."""
+    shortcuts = tuple(Shortcut(s.path, f"{s.why}; {exercise}", s.only_if) for s in shortcuts)
+    for name in names.split():
+        add(refusing(shortcuts, REGISTRY[f"{lab}.{name}"]))
+
+
 def refusing(shortcuts, check: Check) -> Check:
     """The same check, whose probe also records the shortcuts taken and whose judge refuses them first."""
     shortcuts = tuple(shortcuts)

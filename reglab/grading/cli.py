@@ -28,7 +28,7 @@ from reglab.grading import cluster
 from reglab.grading.gradebook import Gradebook, find_submissions, lock
 from reglab.grading.judge import not_run, one_line
 from reglab.grading.lab import Lab, infer_lab, load_lab, load_private_tests
-from reglab.grading.run import STATUSES, Graded, Options, grade_submission, invalid_graded, run_submission
+from reglab.grading.run import Graded, Options, grade_submission, invalid_graded, run_submission
 from reglab.grading.sandbox import DEFAULT_UID, choose_uid, skip_slow_optional_imports, unavailable
 from reglab.grading.validate import Submission, validate_submission
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reglab.checks import REGISTRY, Check, CheckFailed, Shortcut, add, refusing
+from reglab.checks import Check, CheckFailed, Shortcut, add, refuse
 
 ATOL = 1e-5      # float32 outputs of magnitude ~1 against a float64 recomputation
 
@@ -123,6 +123,10 @@ def judge_zero_init(data) -> None:
                               f"(in {mode} mode): W x + b, since B = 0")
 
 
+add(Check("capstone.zero_init", 2, probe_zero_init, judge_zero_init,
+          "A random, B zero: the wrapped layer starts as the base layer"))
+
+
 # ---------------------------------------------------------------------------- LoRALinear: scale alpha / r
 
 SCALE_CASES = ((4, 8.0), (2, 3.0))      # alpha / r = 2 and 1.5: every wrong scale differs from both
@@ -162,6 +166,9 @@ def judge_scale(data) -> None:
         if not _close(case["out"], _base_out(case) + alpha / r * update):
             raise CheckFailed("the output is not W x + b + (alpha / r) B A x: check the order of A and B "
                               "(lora_A is (r, in) and acts first)")
+
+
+add(Check("capstone.scale", 2, probe_scale, judge_scale, "the update is (alpha / r) * B A x"))
 
 
 # ---------------------------------------------------------------------------- LoRALinear: merge
@@ -229,6 +236,12 @@ def judge_merge(data) -> None:
         raise CheckFailed("the merged layer must keep the base layer's bias unchanged")
     if not _close(data["out_merged"], data["out_before"], atol=1e-4):
         raise CheckFailed("the merged layer's outputs differ from the adapter path's outputs in eval mode")
+
+
+add(Check("capstone.merge", 2, probe_merge, judge_merge,
+          "merge() gives W + (alpha / r) B A, the same outputs as the adapter path"))
+add(Check("capstone.merge_no_bias", 1, probe_merge_no_bias, judge_merge,
+          "merge() works for a base layer without bias"))
 
 
 # ---------------------------------------------------------------------------- LoRALinear: lora_dropout
@@ -302,6 +315,10 @@ def judge_lora_dropout(data) -> None:
                           f"1 / (1 - p) = {1 / (1 - p):.4g}")
 
 
+add(Check("capstone.lora_dropout", 3, probe_lora_dropout, judge_lora_dropout,
+          "dropout on the adapter's input only, only in train mode, rescaled by 1 / (1 - p)"))
+
+
 # ---------------------------------------------------------------------------- LoRALinear: gradients
 
 def probe_adapter_grads(cls) -> dict:
@@ -337,6 +354,10 @@ def judge_adapter_grads(data) -> None:
         if got is None or not _close(got, expected, atol=1e-4):
             raise CheckFailed(f"the gradient of lora_{name} does not match autograd of "
                               f"W x + b + s B A x (s = {scale:.4g}, fitted from the layer's output)")
+
+
+add(Check("capstone.adapter_grads", 2, probe_adapter_grads, judge_adapter_grads,
+          "only lora_A and lora_B get gradients, and they match autograd"))
 
 
 # ---------------------------------------------------------------------------- add_lora on the course model
@@ -409,6 +430,10 @@ def judge_add_lora(data) -> None:
     stray = [name for name in data["with_grad"] if name not in expected]
     if stray:
         raise CheckFailed(f"gradients reached frozen parameters: {', '.join(stray[:4])}")
+
+
+add(Check("capstone.add_lora", 3, probe_add_lora, judge_add_lora,
+          "adapters on every qkv and proj, everything else frozen, the model unchanged at start"))
 
 
 # ---------------------------------------------------------------------------- one fine-tuning step
@@ -530,24 +555,8 @@ def judge_finetune_step(data) -> None:
                       "backward, clip, optimizer.step()")
 
 
-# ---------------------------------------------------------------------------- registry
-
-add(Check("capstone.zero_init", 2, probe_zero_init, judge_zero_init,
-          "A random, B zero: the wrapped layer starts as the base layer"))
-add(Check("capstone.scale", 2, probe_scale, judge_scale, "the update is (alpha / r) * B A x"))
-add(Check("capstone.merge", 2, probe_merge, judge_merge,
-          "merge() gives W + (alpha / r) B A, the same outputs as the adapter path"))
-add(Check("capstone.lora_dropout", 3, probe_lora_dropout, judge_lora_dropout,
-          "dropout on the adapter's input only, only in train mode, rescaled by 1 / (1 - p)"))
-add(Check("capstone.adapter_grads", 2, probe_adapter_grads, judge_adapter_grads,
-          "only lora_A and lora_B get gradients, and they match autograd"))
-add(Check("capstone.add_lora", 3, probe_add_lora, judge_add_lora,
-          "adapters on every qkv and proj, everything else frozen, the model unchanged at start"))
 add(Check("capstone.finetune_step", 3, probe_finetune_step, judge_finetune_step,
           "one step matches AdamW with clipping and label smoothing; the base weights do not move"))
-# hidden: the same properties in the cases the public checks leave out
-add(Check("capstone.merge_no_bias", 1, probe_merge_no_bias, judge_merge,
-          "merge() works for a base layer without bias"))
 add(Check("capstone.step_no_clip", 1, probe_step_no_clip, judge_finetune_step,
           "finetune_step with grad_clip=None and no label smoothing"))
 
@@ -555,11 +564,7 @@ add(Check("capstone.step_no_clip", 1, probe_step_no_clip, judge_finetune_step,
 # ---------------------------------------------------------------------------- shortcuts
 # The LoRA layer and add_lora are the exercise, so the course's reference (reglab.topics.capstone.lora) is
 # refused there. finetune_step assembles course pieces, so it may call clip_grad_norm_ and F.cross_entropy.
-WRITE_IT = "the exercise is to write the adapter yourself"
-SHORTCUTS = (
-    Shortcut("reglab.topics.capstone.lora.add_lora", f"it is the course's own reference; {WRITE_IT}"),
-    Shortcut("reglab.topics.capstone.lora.LoRALinear", f"it is the course's own reference; {WRITE_IT}"),
-    Shortcut("reglab.topics.capstone.lora.merge_lora", f"it is the course's own reference; {WRITE_IT}"),
-)
-for _id in ("zero_init", "scale", "merge", "lora_dropout", "adapter_grads", "add_lora", "merge_no_bias"):
-    add(refusing(SHORTCUTS, REGISTRY[f"capstone.{_id}"]))
+refuse("capstone", "zero_init scale merge lora_dropout adapter_grads add_lora merge_no_bias",
+       "the exercise is to write the adapter yourself",
+       *(Shortcut(f"reglab.topics.capstone.lora.{name}", "it is the course's own reference")
+         for name in ("add_lora", "LoRALinear", "merge_lora")))

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from reglab.checks import REGISTRY, Check, CheckFailed, Shortcut, add, refusing
+from reglab.checks import Check, CheckFailed, Shortcut, add, refuse
 
 EPS = 1e-6                   # torch's constant in clip_grad_norm_: scale = max_norm / (norm + 1e-6)
 RTOL, ATOL = 1e-4, 1e-7      # float32 sums in another order differ by ~1e-7 relative; 1e-4 leaves room
@@ -204,6 +204,10 @@ def judge_total_norm(data: dict) -> None:
         _judge_returned(data[name], name, f"case {name!r}")
 
 
+add(Check("clipping.total_norm", 2, probe_total_norm, judge_total_norm,
+          "returns the pre-clip global norm sqrt(sum of squares), like torch.nn.utils.clip_grad_norm_"))
+
+
 def _diagnose_scaling(name: str, got: list, want: list) -> str:
     """A message naming the mistake whose answer matches what the student's function did."""
     if _matches(got, _scaled(name, lambda n, total, c, eps: min(1.0, c / (n + eps)))):
@@ -248,6 +252,10 @@ def judge_scaling(data: dict) -> None:
         _judge_grads(data[name], name)
 
 
+add(Check("clipping.scaling", 3, probe_scaling, judge_scaling,
+          "scales every gradient in place by min(1, c / (norm + eps)), one factor for all tensors"))
+
+
 DIRECTION_CASES = ("above", "between")
 
 
@@ -273,6 +281,10 @@ def judge_direction(data: dict) -> None:
             raise CheckFailed(f"case {name!r}: the clipped gradient has norm {float(b.norm()):.4g} > c = {c:g}")
 
 
+add(Check("clipping.direction", 1, probe_direction, judge_direction,
+          "the clipped gradient points the same way (cosine 1) and has norm <= c"))
+
+
 def probe_skips_missing(fn) -> dict:
     return {"some_without_grad": _run(fn, "some_without_grad")}
 
@@ -282,6 +294,10 @@ def judge_skips_missing(data: dict) -> None:
     _error_free(data.get(name), name, "with parameters whose .grad is None, clip_grad_norm")
     _judge_returned(data[name], name, "with parameters without gradients (their norm counts as 0)")
     _judge_grads(data[name], name)
+
+
+add(Check("clipping.skips_missing", 1, probe_skips_missing, judge_skips_missing,
+          "parameters without a gradient are skipped and left without one"))
 
 
 def probe_generator(fn) -> dict:
@@ -299,6 +315,10 @@ def judge_generator(data: dict) -> None:
     _judge_grads(data["above"], "above")
 
 
+add(Check("clipping.generator", 1, probe_generator, judge_generator,
+          "works when `parameters` is a generator (reads it once)"))
+
+
 def probe_nonfinite_error(fn) -> dict:
     return {name: _run(fn, name, error_if_nonfinite=True) for name in ("inf", "nan", "above")}
 
@@ -313,6 +333,10 @@ def judge_nonfinite_error(data: dict) -> None:
         raise CheckFailed(f"with error_if_nonfinite=True and a finite norm, raised {data['above']['error']}; "
                           f"raise only when the norm is inf or nan")
     _judge_grads(data["above"], "above", error_if_nonfinite=True)
+
+
+add(Check("clipping.nonfinite_error", 1, probe_nonfinite_error, judge_nonfinite_error,
+          "error_if_nonfinite=True raises on an inf or nan norm and only then"))
 
 
 def probe_nonfinite_scales(fn) -> dict:
@@ -348,6 +372,10 @@ def judge_nonfinite_scales(data: dict) -> None:
                           "honestly: did the code replace non-finite values?")
 
 
+add(Check("clipping.nonfinite_scales", 1, probe_nonfinite_scales, judge_nonfinite_scales,
+          "error_if_nonfinite=False scales by the non-finite norm like torch (finite gradients become 0)"))
+
+
 def probe_eps(fn) -> dict:
     return {name: _run(fn, name) for name in ("tiny", "eps_arg")}
 
@@ -366,35 +394,17 @@ def judge_eps(data: dict) -> None:
         raise CheckFailed(f"case {name!r}: {_diagnose_scaling(name, got, want)}")
 
 
-add(Check("clipping.total_norm", 2, probe_total_norm, judge_total_norm,
-          "returns the pre-clip global norm sqrt(sum of squares), like torch.nn.utils.clip_grad_norm_"))
-add(Check("clipping.scaling", 3, probe_scaling, judge_scaling,
-          "scales every gradient in place by min(1, c / (norm + eps)), one factor for all tensors"))
-add(Check("clipping.direction", 1, probe_direction, judge_direction,
-          "the clipped gradient points the same way (cosine 1) and has norm <= c"))
-add(Check("clipping.skips_missing", 1, probe_skips_missing, judge_skips_missing,
-          "parameters without a gradient are skipped and left without one"))
-add(Check("clipping.generator", 1, probe_generator, judge_generator,
-          "works when `parameters` is a generator (reads it once)"))
 add(Check("clipping.eps", 1, probe_eps, judge_eps,
           "divides by norm + eps (default 1e-6, as torch), and uses the eps it is given"))
-add(Check("clipping.nonfinite_error", 1, probe_nonfinite_error, judge_nonfinite_error,
-          "error_if_nonfinite=True raises on an inf or nan norm and only then"))
-add(Check("clipping.nonfinite_scales", 1, probe_nonfinite_scales, judge_nonfinite_scales,
-          "error_if_nonfinite=False scales by the non-finite norm like torch (finite gradients become 0)"))
 
 
 # --------------------------------------------------------------------------------------------------
 # Shortcuts: PyTorch's clipping is the answer key, and the course's lecture function is its copy
 # --------------------------------------------------------------------------------------------------
 
-WRITE_IT = "the exercise is to compute the global norm and scale the gradients yourself"
-SHORTCUTS = (
-    Shortcut("torch.nn.utils.clip_grad_norm_", f"it is the checks' answer key; {WRITE_IT}"),
-    Shortcut("torch.nn.utils.clip_grads_with_norm_", f"it is half of the answer key (the scaling); {WRITE_IT}"),
-    Shortcut("torch.nn.utils.get_total_norm", f"it is half of the answer key (the global norm); {WRITE_IT}"),
-    Shortcut("reglab.topics.clipping.lecture.clip_grad_norm", f"it is the course's own reference; {WRITE_IT}"),
-)
-for _id in ("total_norm", "scaling", "direction", "skips_missing", "generator", "eps", "nonfinite_error",
-            "nonfinite_scales"):
-    add(refusing(SHORTCUTS, REGISTRY[f"clipping.{_id}"]))
+refuse("clipping", "total_norm scaling direction skips_missing generator eps nonfinite_error nonfinite_scales",
+       "the exercise is to compute the global norm and scale the gradients yourself",
+       Shortcut("torch.nn.utils.clip_grad_norm_", "it is the checks' answer key"),
+       Shortcut("torch.nn.utils.clip_grads_with_norm_", "it is half of the answer key (the scaling)"),
+       Shortcut("torch.nn.utils.get_total_norm", "it is half of the answer key (the global norm)"),
+       Shortcut("reglab.topics.clipping.lecture.clip_grad_norm", "it is the course's own reference"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from reglab.checks import REGISTRY, Check, CheckFailed, Shortcut, add, refusing
+from reglab.checks import Check, CheckFailed, Shortcut, add, refuse
 
 LAB = "label_smoothing"
 RTOL, ATOL = 1e-5, 1e-6       # float32 arithmetic inside the student's function passes; every mistake below misses by far more
@@ -349,13 +349,8 @@ def _smoothing_asked(args: dict) -> bool:
         return True
 
 
-WRITE_IT = "the exercise is to write the smoothed target's cross-entropy yourself"
-SHORTCUTS = (
-    Shortcut("torch.nn.functional.cross_entropy", "F.cross_entropy(label_smoothing=...) (or nn.CrossEntropyLoss "
-             f"with it) is the checks' answer key; {WRITE_IT}", only_if=_smoothing_asked),
-    Shortcut("reglab.topics.label_smoothing.lecture.label_smoothed_cross_entropy",
-             f"it is the course's own reference; {WRITE_IT}"),
-)
-for _id in ("matches_cross_entropy", "reductions", "ignore_index", "class_dim", "alpha_range", "large_logits",
-            "fresh_cases", "gradient"):
-    add(refusing(SHORTCUTS, REGISTRY[f"{LAB}.{_id}"]))
+refuse(LAB, "matches_cross_entropy reductions ignore_index class_dim alpha_range large_logits fresh_cases gradient",
+       "the exercise is to write the smoothed target's cross-entropy yourself",
+       Shortcut("torch.nn.functional.cross_entropy", "F.cross_entropy(label_smoothing=...) (or nn.CrossEntropyLoss "
+                "with it) is the checks' answer key", only_if=_smoothing_asked),
+       Shortcut("reglab.topics.label_smoothing.lecture.label_smoothed_cross_entropy", "it is the course's own reference"))

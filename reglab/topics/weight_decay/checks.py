@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from reglab.checks import REGISTRY, Check, CheckFailed, Shortcut, add, refusing
+from reglab.checks import Check, CheckFailed, Shortcut, add, refuse
 from reglab.model import GPTConfig
 
 STEPS = 120                                    # >= 100 steps, as the lab promises
@@ -404,13 +404,9 @@ add(Check("weight_decay.decay_split_llama_like", 1, _probe_split(["llama_like"])
 # --------------------------------------------------------------------------------------- shortcuts
 # torch.optim's Adam and AdamW are the answer key: a subclass, a wrapped instance, or a call of their
 # functional form is refused (through the check protocol's one mechanism, reglab.checks.refusing).
-WRITE_IT = "subclass torch.optim.Optimizer and write the update yourself"
-SHORTCUTS = (
-    Shortcut("torch.optim.AdamW", f"it is PyTorch's own optimizer, the checks' answer key; {WRITE_IT}"),
-    Shortcut("torch.optim.Adam", f"it is PyTorch's own optimizer, the checks' answer key; {WRITE_IT}"),
-    Shortcut("torch.optim.adam.adam", f"it is the functional form of torch.optim.Adam; {WRITE_IT}"),
-    Shortcut("torch.optim.adamw.adamw", f"it is the functional form of torch.optim.AdamW; {WRITE_IT}"),
-)
-for _id in ("adamw", "adam_l2", "adamw_other_settings", "adam_l2_other_settings", "adamw_missing_grads",
-            "adam_l2_missing_grads"):
-    add(refusing(SHORTCUTS, REGISTRY[f"weight_decay.{_id}"]))
+refuse("weight_decay", "adamw adam_l2 adamw_other_settings adam_l2_other_settings adamw_missing_grads "
+       "adam_l2_missing_grads", "subclass torch.optim.Optimizer and write the update yourself",
+       Shortcut("torch.optim.AdamW", "it is PyTorch's own optimizer, the checks' answer key"),
+       Shortcut("torch.optim.Adam", "it is PyTorch's own optimizer, the checks' answer key"),
+       Shortcut("torch.optim.adam.adam", "it is the functional form of torch.optim.Adam"),
+       Shortcut("torch.optim.adamw.adamw", "it is the functional form of torch.optim.AdamW"))
