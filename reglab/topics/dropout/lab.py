@@ -52,6 +52,13 @@ class LabSettings:
     compare_p: float = 0.2       # the dropout setting of experiments 3 and 4 (against p = 0)
     recall_lr: float = 3e-3
     weight_decay: float = 0.0    # off, so dropout is the only regularizer (the weight-decay lab adds it)
+    # --- 7. the open experiment: the student's runs share this many optimizer steps (one seed each) ---
+    open_steps: int | None = None    # None: twice the sweep's steps (see open_budget)
+
+    @property
+    def open_budget(self) -> int:
+        """Optimizer steps the open experiment's runs may spend in all."""
+        return self.open_steps if self.open_steps is not None else 2 * self.steps
 
     def gpt(self, vocab_size: int, p: float = 0.0, sites=DROPOUT_SITES) -> GPTConfig:
         """The text model with dropout p at the named sites."""
@@ -228,3 +235,123 @@ def show_sweep(results: dict, p: float, colors: dict | None = None) -> None:
     row = summarize({chosen: results[chosen]})[chosen]
     print(f"{chosen}: best val loss {row['best_val_loss']:.3f} at step {row['best_step']:.0f}, "
           f"final train-val gap {row['final_gap']:.3f}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the measurements show: sentences read from a summarize() table (or its figures() record), so the
+# lab's text stays true on another corpus, budget or seed
+# ---------------------------------------------------------------------------------------------------
+
+def seed_spread(row: dict, key: str = "best_val_loss") -> float:
+    """Highest minus lowest seed of one setting's figure: 0 with a single seed."""
+    values = row["per_seed"][key]
+    return float(max(values) - min(values))
+
+
+def dropout_effect(table: dict, baseline: str = "p=0", key: str = "best_val_loss",
+                   higher_is_better: bool = False) -> dict:
+    """The setting with the best `key` against `baseline`, from a summarize() table or figures() record.
+
+    delta is that setting's mean minus the baseline's; the noise floor is the larger seed spread of the two
+    (as in the capstone's effects); the verdict is 'helped' when the setting beats the baseline by more than
+    the noise, 'hurt' when even the best setting is worse by more, else 'no clear effect'. With one seed the
+    noise floor is 0, so any difference gets a verdict: run two seeds or more before believing one.
+    """
+    from reglab.topics.capstone.lab import verdict
+    if baseline not in table:
+        raise ValueError(f"baseline {baseline!r} is not in the table; it has {list(table)}")
+    others = [name for name in table if name != baseline]
+    if not others:
+        raise ValueError(f"the table has only the baseline {baseline!r}; nothing to compare it with")
+    sign = -1.0 if higher_is_better else 1.0
+    best = min(others, key=lambda name: sign * table[name][key])
+    delta = table[best][key] - table[baseline][key]
+    noise = max(seed_spread(table[best], key), seed_spread(table[baseline], key))
+    seeds = min(len(table[name]["per_seed"][key]) for name in (best, baseline))
+    row = {"key": key, "baseline": baseline, "setting": best, "baseline_value": table[baseline][key],
+           "value": table[best][key], "delta": delta, "noise": noise, "seeds": seeds,
+           "verdict": verdict(sign * delta, noise)}
+    if key == "best_val_loss" and "best_step" in table[best]:
+        row["best_step"] = table[best]["best_step"]
+        row["baseline_best_step"] = table[baseline]["best_step"]
+    if key.endswith("val_loss") and "final_gap" in table[best] and "final_gap" in table[baseline]:
+        row["final_gap"], row["baseline_final_gap"] = table[best]["final_gap"], table[baseline]["final_gap"]
+    return row
+
+
+def effect_sentence(effect: dict, last_step: int | None = None) -> str:
+    """One sentence saying what a dropout_effect() row shows, numbers included."""
+    what = effect["key"].replace("_", " ")
+    spread = (f"the seed spread {effect['noise']:.3f} ({effect['seeds']} seeds)" if effect["seeds"] > 1
+              else "a seed spread that one seed cannot measure (run 2 or more before believing it)")
+    lowers = "raises" if effect["delta"] > 0 else "lowers"
+    numbers = (f"{effect['setting']} {lowers} the {what} from {effect['baseline_value']:.3f} ({effect['baseline']}) "
+               f"to {effect['value']:.3f} ({effect['delta']:+.3f})")
+    if effect["verdict"] == "helped":
+        sentence = f"{numbers}: more than {spread}."
+    elif effect["verdict"] == "hurt":
+        sentence = f"Every setting does worse than {effect['baseline']}: the best of them, {numbers}, more than {spread}."
+    else:
+        sentence = f"No setting changes the {what} beyond {spread}: the best, {numbers}."
+    if "final_gap" in effect:
+        sentence += (f" Its final train-val gap is {effect['final_gap']:.3f} against {effect['baseline_final_gap']:.3f}"
+                     f" at {effect['baseline']}.")
+    if last_step is not None and effect.get("best_step", 0) >= last_step:
+        sentence += (f" {effect['setting']} was still improving at the last step ({last_step}): more steps "
+                     f"could lower it further.")
+    return sentence
+
+
+# ---------------------------------------------------------------------------------------------------
+# The open experiment: the student's design, run with the lab's sweep within a budget of optimizer steps
+# ---------------------------------------------------------------------------------------------------
+
+def design_problems(runs, budget_steps: int) -> list[str]:
+    """What is wrong with a design {label: (p, steps)} for a budget of budget_steps optimizer steps in all
+    (summed over its runs, one seed each); [] when nothing is."""
+    if not isinstance(runs, dict) or not runs:
+        return [f"a design is a non-empty dict {{label: (p, steps)}}, got {type(runs).__name__} {runs!r:.80}"]
+    problems = []
+    if len(runs) < 2:
+        problems.append(f"an experiment compares: the design has {len(runs)} run, it needs at least 2")
+    total = 0
+    for name, run in runs.items():
+        if not (isinstance(run, (tuple, list)) and len(run) == 2):
+            problems.append(f"run {name!r} must be (p, steps), got {run!r:.80}")
+            continue
+        p, steps = run
+        if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
+            problems.append(f"run {name!r}: p must be in [0, 1), got {p!r}")
+        if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+            problems.append(f"run {name!r}: steps must be a positive integer, got {steps!r}")
+        else:
+            total += steps
+    if total > budget_steps:
+        problems.append(f"the design spends {total} optimizer steps, over the budget of {budget_steps}")
+    return problems
+
+
+def open_experiment(settings: LabSettings, text, task, session, design, progress: bool = True) -> dict:
+    """Run the student's design (a function of the settings returning {label: (p, steps)}) on the lab's
+    small-data task with the lab's sweep, one seed (session.seed) per run, dropout p at every site.
+
+    Refuses a design that spends more than settings.open_budget optimizer steps in all. Returns
+    {label: [History]} like the other runners."""
+    runs = design(settings)
+    problems = design_problems(runs, settings.open_budget)
+    if problems:
+        raise ValueError("the open experiment's design is refused: " + "; ".join(problems))
+    configs = {name: (settings.gpt(text.vocab_size, float(p)), settings.train_config(steps))
+               for name, (p, steps) in runs.items()}
+    return sweep(configs, task, seeds=[session.seed], progress=progress)
+
+
+def open_record(settings: LabSettings, runs: dict, results: dict) -> dict:
+    """The open experiment for the lab's record: the budget, what the design spent, each run's p, steps and
+    best val loss (with the step it was reached), and the run that reached the lowest."""
+    found = {name: {"p": float(p), "steps": steps, "steps_trained": len(results[name][0].loss),
+                    "best_val_loss": results[name][0].best("val_loss")[1],
+                    "best_step": results[name][0].best("val_loss")[0]}
+             for name, (p, steps) in runs.items()}
+    return {"budget_steps": settings.open_budget, "steps_spent": sum(run["steps_trained"] for run in found.values()),
+            "runs": found, "lowest": min(found, key=lambda name: found[name]["best_val_loss"])}
