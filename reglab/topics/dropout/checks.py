@@ -1,4 +1,5 @@
-"""Checks of the dropout lab: the student's inverted-dropout module and the four dropout sites of their block.
+"""Checks of the dropout lab: the student's inverted-dropout module, the four dropout sites of their block,
+and the open experiment's budget.
 
 The student writes (see solutions/01_dropout_lab.ipynb for the full signatures):
 - `Dropout(p)`, an nn.Module: in train mode y = m * x / (1 - p) with m ~ Bernoulli(1 - p) drawn afresh
@@ -7,6 +8,9 @@ The student writes (see solutions/01_dropout_lab.ipynb for the full signatures):
   position embeddings, then one pre-norm block x + attn(norm1(x)), x + mlp(norm2(x)), with dropout on
   the embeddings, on the attention weights after the softmax, on each sublayer's output before the
   residual add, and inside the FFN after the activation. forward(idx) returns the (B, T, C) output.
+- `open_design(settings)`, the open experiment: {label: (p, steps)} whose steps fit in
+  `settings.open_budget`. Its check has no fixed answer: the probe runs the design at the `ci` settings and
+  the judge confirms that it ran, and within the budget (recomputed here, not taken from the probe).
 
 How the judges decide. A probe runs the student's object on inputs it makes itself and returns raw
 tensors (or counts); a judge recomputes what PyTorch's own implementation would give (torch's dropout
