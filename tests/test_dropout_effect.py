@@ -158,3 +158,9 @@ def test_an_unwritten_design_reports_not_implemented():
 def lab_settings_ci():
     from reglab.topics.dropout.lab import lab_settings
     return lab_settings("ci")
+
+
+def test_a_change_and_spread_that_round_alike_are_printed_with_four_decimals():
+    measured = {"p=0": row([2.7450, 2.7220]), "p=0.2": row([2.6913, 2.7193])}   # -0.0282 against 0.0280
+    sentence = effect_sentence(dropout_effect(measured))
+    assert "(-0.0282): more than the seed spread 0.0280 (2 seeds)" in sentence
