@@ -52,13 +52,15 @@ def test_dropout_that_only_hurts_is_reported_as_raising_the_loss():
     measured = {"p=0": row([2.60, 2.61]), "p=0.1": row([2.70, 2.71]), "p=0.3": row([2.90, 2.91])}
     effect = dropout_effect(measured)
     assert effect["verdict"] == "hurt" and effect["setting"] == "p=0.1"
-    assert effect_sentence(effect).startswith("Every setting does worse than p=0: the best of them, p=0.1 raises")
+    assert effect_sentence(effect).startswith("Every setting does worse than p=0: p=0.1 raises the best val loss")
 
 
 def test_one_seed_says_its_spread_is_unmeasured_and_a_late_best_says_so():
     measured = {"p=0": row([2.60], steps=(100,)), "p=0.2": row([2.55], steps=(600,))}
-    sentence = effect_sentence(dropout_effect(measured), last_step=600)
-    assert "one seed cannot measure" in sentence
+    effect = dropout_effect(measured)
+    assert effect["verdict"] == "not judged (one seed)"
+    sentence = effect_sentence(effect, last_step=600)
+    assert "one seed has no seed spread to judge that by" in sentence and "more than" not in sentence
     assert "p=0.2 was still improving at the last step (600)" in sentence
 
 
@@ -67,6 +69,7 @@ def test_higher_is_better_picks_the_highest_and_judges_its_gain():
               "p=0.2": {"recall": 0.20, "per_seed": {"recall": [0.18, 0.22]}}}
     effect = dropout_effect(recall, key="recall", higher_is_better=True)
     assert effect["verdict"] == "hurt" and effect["delta"] == pytest.approx(-0.75)
+    assert effect_sentence(effect).startswith("p=0.2 does worse than p=0: p=0.2 lowers the recall from 0.950")
 
 
 def test_the_published_record_gives_the_same_verdict_as_the_table():

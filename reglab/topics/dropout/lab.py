@@ -266,8 +266,8 @@ def dropout_effect(table: dict, baseline: str = "p=0", key: str = "best_val_loss
 
     delta is that setting's mean minus the baseline's; the noise floor is the larger seed spread of the two
     (as in the capstone's effects); the verdict is 'helped' when the setting beats the baseline by more than
-    the noise, 'hurt' when even the best setting is worse by more, else 'no clear effect'. With one seed the
-    noise floor is 0, so any difference gets a verdict: run two seeds or more before believing one.
+    the noise, 'hurt' when even the best setting is worse by more, else 'no clear effect'. With one seed
+    there is no spread to judge by, and the verdict says so ('not judged (one seed)').
     """
     from reglab.topics.capstone.lab import verdict
     if baseline not in table:
@@ -280,9 +280,9 @@ def dropout_effect(table: dict, baseline: str = "p=0", key: str = "best_val_loss
     delta = table[best][key] - table[baseline][key]
     noise = max(seed_spread(table[best], key), seed_spread(table[baseline], key))
     seeds = min(len(table[name]["per_seed"][key]) for name in (best, baseline))
-    row = {"key": key, "baseline": baseline, "setting": best, "baseline_value": table[baseline][key],
-           "value": table[best][key], "delta": delta, "noise": noise, "seeds": seeds,
-           "verdict": verdict(sign * delta, noise)}
+    row = {"key": key, "baseline": baseline, "setting": best, "others": len(others),
+           "baseline_value": table[baseline][key], "value": table[best][key], "delta": delta, "noise": noise,
+           "seeds": seeds, "verdict": verdict(sign * delta, noise) if seeds > 1 else "not judged (one seed)"}
     if key == "best_val_loss" and "best_step" in table[best]:
         row["best_step"] = table[best]["best_step"]
         row["baseline_best_step"] = table[baseline]["best_step"]
@@ -296,15 +296,17 @@ def effect_sentence(effect: dict, last_step: int | None = None) -> str:
     what = effect["key"].replace("_", " ")
     # 4 decimals where 3 would print the change and the spread as equal, so "more than" reads true
     digits = 4 if f"{abs(effect['delta']):.3f}" == f"{effect['noise']:.3f}" else 3
-    spread = (f"the seed spread {effect['noise']:.{digits}f} ({effect['seeds']} seeds)" if effect["seeds"] > 1
-              else "a seed spread that one seed cannot measure (run 2 or more before believing it)")
+    spread = f"the seed spread {effect['noise']:.{digits}f} ({effect['seeds']} seeds)"
     lowers = "raises" if effect["delta"] > 0 else "lowers"
     numbers = (f"{effect['setting']} {lowers} the {what} from {effect['baseline_value']:.3f} ({effect['baseline']}) "
                f"to {effect['value']:.3f} ({effect['delta']:+.{digits}f})")
-    if effect["verdict"] == "helped":
+    if effect["seeds"] < 2:
+        sentence = f"{numbers}; one seed has no seed spread to judge that by (run 2 or more)."
+    elif effect["verdict"] == "helped":
         sentence = f"{numbers}: more than {spread}."
     elif effect["verdict"] == "hurt":
-        sentence = f"Every setting does worse than {effect['baseline']}: the best of them, {numbers}, more than {spread}."
+        worse = "Every setting does" if effect.get("others", 2) > 1 else f"{effect['setting']} does"
+        sentence = f"{worse} worse than {effect['baseline']}: {numbers}, more than {spread}."
     else:
         sentence = f"No setting changes the {what} beyond {spread}: the best, {numbers}."
     if "final_gap" in effect:
