@@ -82,10 +82,11 @@ SETTINGS = {
     # memorize fast (best val at step 150, then rising), and the dropout runs peak by step 250-500.
     # Measured on one thread, built-in corpus, seeds 0 and 1, best val loss: p = 0 2.745 / 2.722,
     # 0.1 2.689 / 2.729, 0.2 2.691 / 2.719, 0.3 2.758 / 2.749, so p = 0.2 gains 0.028, as large as the
-    # seed spread (0.028): at the edge of the verdict. On stdlib docstrings (560 kB) dropout did not help
-    # (p = 0 2.920 / 2.922, 0.1 2.930 / 2.940). CPU-seconds: sweep 178, sites 80 (one seed), single pass
-    # 65, recall 33, open experiment 19; 375 in all. (Tried, not better in this budget: 64 wide, 4 layers,
-    # 128 wide, 32 or 128 characters of context, batch 8, 5k or 30k characters, lr 1e-3, 600-1200 steps.)
+    # seed spread (0.028): at the edge of the verdict (at 700 steps: -0.013 against a spread of 0.060),
+    # so this budget shows the effect at the noise level only. On stdlib docstrings (560 kB) dropout did
+    # not help (p = 0 2.920 / 2.922, 0.1 2.930 / 2.940). CPU-seconds: sweep 178, sites 80 (one seed),
+    # single pass 65, recall 33, open experiment 19; 375 in all. (Tried, not better in this budget: 64
+    # wide, 4 layers, 128 wide, 32 or 128 characters of context, batch 8, 5k or 30k characters, lr 1e-3.)
     "cpu": LabSettings(n_seeds=2, n_layer=2, n_embd=48, n_head=4, block_size=64, batch_size=16, lr=3e-3,
                        train_chars=10_000, steps=500, eval_every=50, single_pass_batch=16,
                        single_pass_max_steps=400, recall_facts=512, recall_n_layer=2, recall_n_embd=64,
