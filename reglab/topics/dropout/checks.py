@@ -1,4 +1,5 @@
-"""Checks of the dropout lab: the student's inverted-dropout module and the four dropout sites of their block.
+"""Checks of the dropout lab: the student's inverted-dropout module, the four dropout sites of their block
+(in `block_checks`), and the open experiment's budget.
 
 The student writes (see solutions/01_dropout_lab.ipynb for the full signatures):
 - `Dropout(p)`, an nn.Module: in train mode y = m * x / (1 - p) with m ~ Bernoulli(1 - p) drawn afresh
@@ -7,6 +8,9 @@ The student writes (see solutions/01_dropout_lab.ipynb for the full signatures):
   position embeddings, then one pre-norm block x + attn(norm1(x)), x + mlp(norm2(x)), with dropout on
   the embeddings, on the attention weights after the softmax, on each sublayer's output before the
   residual add, and inside the FFN after the activation. forward(idx) returns the (B, T, C) output.
+- `open_design(settings)`, the open experiment: {label: (p, steps)} whose steps fit in
+  `settings.open_budget`. Its check has no fixed answer: the probe runs the design at the `ci` settings and
+  the judge confirms that it ran, and within the budget (recomputed here, not taken from the probe).
 
 How the judges decide. A probe runs the student's object on inputs it makes itself and returns raw
 tensors (or counts); a judge recomputes what PyTorch's own implementation would give (torch's dropout
@@ -422,5 +426,60 @@ refuse("dropout", "keep_fraction scaling eval_identity backward_mask moments fre
        Shortcut("torch.nn.Dropout", "nn.Dropout is PyTorch's dropout, the checks' answer key"),
        Shortcut("torch.nn.functional.dropout", "F.dropout is PyTorch's dropout, the checks' answer key"),
        Shortcut("torch.dropout", "torch.dropout is PyTorch's dropout kernel, the checks' answer key"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The open experiment: a design the student chose, run within the budget (no fixed answer)
+# ---------------------------------------------------------------------------------------------------
+
+OPEN_BUDGET = "ci"    # the probe runs the design at this budget's settings, as the grader runs the lab
+
+
+def probe_open_experiment(design) -> dict:
+    """Ask the design for its runs at the ci settings and, if the budget allows them, train them (one seed,
+    the built-in corpus, the lab's sweep); return each run's p, steps, steps trained and best val loss."""
+    from reglab.budget import Session
+    from reglab.topics.dropout.lab import design_problems, settings_for, open_experiment, open_record, small_data_task
+    settings = settings_for(OPEN_BUDGET)
+    runs = design(settings)
+    if not isinstance(runs, dict):
+        return {"design": repr(runs)[:200]}
+    described = {str(name): list(run) if isinstance(run, (tuple, list)) else repr(run)[:80]
+                 for name, run in runs.items()}
+    if design_problems(runs, settings.open_budget):
+        return {"design": described}
+    with torch.random.fork_rng(devices=[]):
+        session = Session(budget=OPEN_BUDGET, device=torch.device("cpu"), seed=0)
+        text, task = small_data_task(settings, "builtin", session)
+        results = open_experiment(settings, text, task, session, design, progress=False)
+    return {"design": described, "record": open_record(settings, runs, results)}
+
+
+def judge_open_experiment(data: dict) -> None:
+    from reglab.topics.dropout.lab import design_problems, settings_for
+    budget = settings_for(OPEN_BUDGET).open_budget          # the grader's budget, not the probe's word for it
+    design = data["design"]
+    if not isinstance(design, dict):
+        raise CheckFailed(f"open_design(settings) must return a dict {{label: (p, steps)}}; it returned {design}")
+    runs = {name: tuple(run) if isinstance(run, list) else run for name, run in design.items()}
+    problems = design_problems(runs, budget)
+    if problems:
+        raise CheckFailed("the open experiment's design is refused: " + "; ".join(problems))
+    record = data.get("record")
+    if not isinstance(record, dict) or set(record.get("runs", {})) != set(runs):
+        raise CheckFailed("the design was not run: the probe found no result for each of its runs")
+    for name, found in record["runs"].items():
+        if found["steps_trained"] != runs[name][1]:
+            raise CheckFailed(f"run {name!r} trained {found['steps_trained']} steps, its design says {runs[name][1]}")
+        if not (isinstance(found["best_val_loss"], float) and math.isfinite(found["best_val_loss"])):
+            raise CheckFailed(f"run {name!r} reached no finite val loss ({found['best_val_loss']!r})")
+    spent = sum(found["steps_trained"] for found in record["runs"].values())
+    if spent > budget:
+        raise CheckFailed(f"the runs trained {spent} optimizer steps, over the budget of {budget}")
+
+
+add(Check("dropout.open_experiment", 1, probe_open_experiment, judge_open_experiment,
+          "your open experiment's design runs within its budget of optimizer steps (what it finds is yours)"))
+
 
 from reglab.topics.dropout import block_checks  # noqa: E402,F401  (registers the block's checks, "dropout.block_*")
