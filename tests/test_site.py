@@ -1,0 +1,213 @@
+"""The course website (`make site`), built in the `ci` budget and opened in headless Chromium.
+
+The module fixture builds the site once into a temporary folder (site/build.py, REGLAB_BUDGET=ci) and
+serves it on 127.0.0.1. Then:
+- every internal link (`href` to a page, a file or an anchor) of every page resolves, read from the HTML;
+- every page loads in Chromium with no script error and no request to another host (the site is offline);
+- MathJax has typeset every formula: no `$$`, `\\(`, `\\[` or `$...$` is left in the rendered text;
+- every figure a notebook made (its image outputs, in the executed notebook) is an `<img>` on its page
+  that the browser has decoded.
+`REGLAB_SITE_BUILD=build/site` checks that build instead of making one (`make site` first).
+Needs Debian's Chromium (/usr/bin/chromium) and the `site` packages: skipped without them, except when
+CI=true, where their absence fails.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from html.parser import HTMLParser
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urldefrag, urlsplit
+
+import pytest
+
+from browser import CHROMIUM, CHROMIUM_FLAGS, VIEWPORT
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE_MIMES = ("image/png", "image/jpeg", "image/svg+xml", "image/gif")
+RAW_MATH = re.compile(r"\$\$|\\\(|\\\)|\\\[|\\\]|\\begin\{|(?<![\w$])\$[^$\s][^$\n]*?\$(?![\w$])")
+
+
+def require(condition: bool, why: str) -> None:
+    if condition:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must build and check the site: {why}")
+    pytest.skip(f"site test skipped: {why}")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """(html folder, executed-notebook folder): the site built once, in the ci budget."""
+    for module in ("myst_nb", "sphinx_book_theme", "jupyter_server_mathjax"):
+        try:
+            __import__(module)
+        except ImportError:
+            require(False, f"{module} is not installed (pip install -e '.[test,site]')")
+    if os.environ.get("REGLAB_SITE_BUILD"):          # check a site built already (e.g. `make site`'s)
+        out = Path(os.environ["REGLAB_SITE_BUILD"]).resolve()
+        return out / "html", out / "jupyter_execute"
+    out = tmp_path_factory.mktemp("site")
+    env = {**os.environ, "REGLAB_BUDGET": "ci", "OMP_NUM_THREADS": "1"}
+    build = subprocess.run([sys.executable, str(ROOT / "site" / "build.py"), "--out", str(out)], env=env,
+                           capture_output=True, text=True, timeout=1800)
+    assert build.returncode == 0, f"the site build failed:\n{build.stdout[-4000:]}\n{build.stderr[-4000:]}"
+    return out / "html", out / "jupyter_execute"
+
+
+class Links(HTMLParser):
+    """The hrefs/srcs and the ids (anchors) of one page."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs: list[str] = []
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        for key in ("id", "name"):
+            if attrs.get(key) and (key == "id" or tag == "a"):
+                self.ids.add(attrs[key])
+        for key in ("href", "src"):
+            if attrs.get(key) and not (tag == "link" and key == "href" and attrs.get("rel") == "canonical"):
+                self.refs.append(attrs[key])
+
+
+def parse(path: Path) -> Links:
+    links = Links()
+    links.feed(path.read_text(encoding="utf-8"))
+    return links
+
+
+def pages(html: Path) -> list[Path]:
+    return sorted(p for p in html.rglob("*.html") if "_static" not in p.parts and "_sources" not in p.parts)
+
+
+def test_the_site_has_the_home_page_every_lecture_lab_and_the_ledger_and_no_solution(site):
+    html, _ = site
+    built = {p.relative_to(html).with_suffix("").as_posix() for p in pages(html)}
+    expected = {"index", *(f"{d}/{p.stem}" for d in ("notebooks", "labs") for p in (ROOT / d).glob("*.ipynb"))}
+    assert expected <= built, f"pages missing: {sorted(expected - built)}"
+    assert "notebooks/06_claims_ledger" in built
+    assert not any(part == "solutions" for p in html.rglob("*") for part in p.relative_to(html).parts)
+    home = (html / "index.html").read_text(encoding="utf-8")
+    for page in sorted(expected - {"index"}):
+        assert f'href="{page}.html' in home, f"the home page does not link to {page}"
+    for page in sorted(expected - {"index"}):             # and each page links to its notebook, to run it
+        assert f'href="{Path(page).name}.ipynb"' in (html / f"{page}.html").read_text(encoding="utf-8")
+
+
+def test_no_internal_link_is_broken(site):
+    html, _ = site
+    broken, anchors = [], {}
+    for page in pages(html):
+        for ref in parse(page).refs:
+            parts = urlsplit(ref)
+            if parts.scheme or parts.netloc or ref.startswith(("mailto:", "javascript:", "data:")):
+                assert not parts.scheme.startswith("http"), f"{page.relative_to(html)} links to {ref}"
+                continue
+            target_ref, fragment = urldefrag(ref)
+            target = (page.parent / unquote(target_ref.split("?")[0])).resolve() if target_ref else page
+            if target.is_dir():
+                target = target / "index.html"
+            if not target.is_file():
+                broken.append(f"{page.relative_to(html)} -> {ref}")
+            elif fragment and target.suffix == ".html":
+                ids = anchors.setdefault(target, parse(target).ids)
+                if unquote(fragment) not in ids:
+                    broken.append(f"{page.relative_to(html)} -> {ref} (no such anchor)")
+    assert not broken, "broken internal links:\n" + "\n".join(broken)
+
+
+def expected_images(executed: Path) -> int:
+    """The image outputs of an executed notebook that the page shows (cells not tagged to hide them)."""
+    nb = json.loads(executed.read_text(encoding="utf-8"))
+    count = 0
+    for cell in nb["cells"]:
+        tags = set(cell.get("metadata", {}).get("tags", []))
+        if cell["cell_type"] != "code" or tags & {"remove-output", "remove-cell"}:
+            continue
+        count += sum(any(m in out.get("data", {}) for m in IMAGE_MIMES) for out in cell.get("outputs", []))
+    return count
+
+
+async def check_pages(base: str, html: Path, executed: Path) -> dict[str, list[str]]:
+    from playwright.async_api import async_playwright
+    problems: dict[str, list[str]] = {}
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        page = await browser.new_page(viewport=VIEWPORT)
+        current: list[str] = []
+        page.on("pageerror", lambda exc: current.append(f"script error: {exc}"))
+
+        async def route(r):
+            if r.request.url.startswith((base, "data:", "blob:")):
+                await r.continue_()
+            else:
+                current.append(f"requested another host: {r.request.url}")
+                await r.abort()
+        await page.route("**/*", route)
+        for path in pages(html):
+            rel = path.relative_to(html).as_posix()
+            current = problems.setdefault(rel, [])
+            response = await page.goto(base + rel, wait_until="load")
+            if response is None or response.status != 200:
+                current.append(f"status {response and response.status}")
+                continue
+            if await page.locator(".math").count():
+                await page.wait_for_function("() => window.MathJax && MathJax.Hub && MathJax.isReady",
+                                             timeout=30_000)
+                await page.evaluate("() => new Promise(done => MathJax.Hub.Queue(() => done(true)))")
+                untypeset = await page.evaluate(
+                    "() => [...document.querySelectorAll('span.math, div.math')]"
+                    ".filter(e => !e.querySelector('.MathJax, .MathJax_Display, .MathJax_CHTML, .MathJax_SVG'))"
+                    ".map(e => e.textContent.slice(0, 80))")
+                current += [f"math not typeset: {t}" for t in untypeset]
+                errors = await page.locator(".MathJax .merror, .MathJax_Error, [data-mjx-error]").count()
+                if errors:
+                    current.append(f"{errors} MathJax errors")
+            text = await page.evaluate(
+                "() => { const a = document.querySelector('article') || document.body;"
+                " const c = a.cloneNode(true);"
+                " c.querySelectorAll('pre, code, script, style, .MathJax_Preview').forEach(e => e.remove());"
+                " return c.innerText; }")
+            current += [f"raw math in the text: …{text[max(0, m.start() - 30):m.end() + 30]!r}…"
+                        for m in RAW_MATH.finditer(text)]
+            executed_nb = executed / path.relative_to(html).with_suffix(".ipynb")
+            if executed_nb.exists():
+                want = expected_images(executed_nb)
+                images = await page.evaluate(
+                    "() => [...document.querySelectorAll('.cell_output img')]"
+                    ".map(i => i.complete && i.naturalWidth > 0)")
+                if len(images) != want:
+                    current.append(f"{len(images)} figures on the page, the notebook made {want}")
+                if not all(images):
+                    current.append(f"{images.count(False)} figures did not load")
+        await browser.close()
+    return {rel: found for rel, found in problems.items() if found}
+
+
+def test_every_page_loads_offline_with_its_math_typeset_and_its_figures(site):
+    require(Path(CHROMIUM).exists(), f"{CHROMIUM} not found; install Debian's chromium")
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        require(False, "the playwright package is not installed (pip install -e '.[test]')")
+    html, executed = site
+    assert list(executed.rglob("*.ipynb")), "no executed notebooks found next to the site"
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(html))
+    handler.log_message = lambda *args: None
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            problems = asyncio.run(check_pages(f"http://127.0.0.1:{server.server_address[1]}/", html, executed))
+        finally:
+            server.shutdown()
+    assert not problems, "\n".join(f"{rel}: {p}" for rel, found in problems.items() for p in found)
