@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["REGLAB_SITE_CACHE"] = str(args.out.resolve() / "cache" / budget)
     src = args.out / "src"
     prepare(src)
+    (args.out / "budget").write_text(budget + "\n")   # which cache the html/ was built from (the site test reads it)
     from sphinx.cmd.build import build_main
     print(f"building the site in the {budget!r} budget into {args.out / 'html'}", flush=True)
     return build_main(["-b", "html", "-c", str(SITE), "-d", str(args.out / "doctrees" / budget),

@@ -31,13 +31,16 @@ nb_merge_streams = True
 nb_ipywidgets_js = {}                  # its default loads require.js and the widget manager from CDNs
 nb_mime_priority_overrides = [("html", "application/vnd.jupyter.widget-view+json", None)]
 myst_enable_extensions = ["dollarmath", "amsmath"]
+myst_dmath_double_inline = True        # `$$...$$` inside a paragraph, as Jupyter renders it
 myst_heading_anchors = 3
 
 # --- math: MathJax 2.7 from the jupyter-server-mathjax wheel, served from _static ------------------
-mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML"
+mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full"   # the wheel ships the -full config only
 mathjax2_config = {
     "tex2jax": {"inlineMath": [["\\(", "\\)"]], "displayMath": [["\\[", "\\]"]],
                 "processEscapes": True, "ignoreClass": "document", "processClass": "math|output_area"},
+    # The wheel ships HTML-CSS output with the STIX-Web fonts only (no TeX fonts): use those, never local ones.
+    "HTML-CSS": {"availableFonts": [], "preferredFont": None, "webFont": "STIX-Web", "imageFont": None},
     "messageStyle": "none",
     "menuSettings": {"zoom": "None"},
 }
@@ -74,6 +77,16 @@ def add_run_link(app, doctree):
         doctree.insert(0, raw)
 
 
+def replace_widget_reprs(app, doctree):
+    """A slider's output is its text fallback, `interactive(children=(...))`: say what it is instead."""
+    for block in list(doctree.findall(nodes.literal_block)):
+        if block.astext().startswith(("interactive(children=", "interact(", "VBox(children=")):
+            note = nodes.paragraph("", "", nodes.emphasis(
+                "", "An interactive slider is here: run the notebook to move it."))
+            note["classes"].append("reglab-widget")
+            block.replace_self(note)
+
+
 def copy_assets(app, exception):
     """MathJax into _static/mathjax, and each published notebook (as committed, clean) next to its page."""
     if exception is not None or app.builder.format != "html":
@@ -92,4 +105,5 @@ def copy_assets(app, exception):
 
 def setup(app):
     app.connect("doctree-read", add_run_link)
+    app.connect("doctree-read", replace_widget_reprs)
     app.connect("build-finished", copy_assets)
