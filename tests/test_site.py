@@ -106,14 +106,15 @@ def test_the_site_has_the_home_page_every_lecture_lab_and_the_ledger_and_no_solu
         assert f'href="{Path(page).name}.ipynb"' in (html / f"{page}.html").read_text(encoding="utf-8")
 
 
-def test_no_internal_link_is_broken(site):
-    html = site / "html"
+def broken_links(html: Path) -> list[str]:
+    """Every local href/src of every page that names no file, or an anchor its page lacks."""
     broken, anchors = [], {}
     for page in pages(html):
         for ref in parse(page).refs:
             parts = urlsplit(ref)
             if parts.scheme or parts.netloc or ref.startswith(("mailto:", "javascript:", "data:")):
-                assert not parts.scheme.startswith("http"), f"{page.relative_to(html)} links to {ref}"
+                if parts.scheme.startswith("http") or parts.netloc:
+                    broken.append(f"{page.relative_to(html)} -> {ref} (another host)")
                 continue
             target_ref, fragment = urldefrag(ref)
             target = (page.parent / unquote(target_ref.split("?")[0])).resolve() if target_ref else page
@@ -125,6 +126,11 @@ def test_no_internal_link_is_broken(site):
                 ids = anchors.setdefault(target, parse(target).ids)
                 if unquote(fragment) not in ids:
                     broken.append(f"{page.relative_to(html)} -> {ref} (no such anchor)")
+    return broken
+
+
+def test_no_internal_link_is_broken(site):
+    broken = broken_links(site / "html")
     assert not broken, "broken internal links:\n" + "\n".join(broken)
 
 
@@ -212,19 +218,51 @@ class QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
-def test_every_page_loads_offline_with_its_math_typeset_and_its_figures(site):
+def served_check(html: Path, executed: dict[str, dict]) -> dict[str, list[str]]:
+    handler = functools.partial(QuietHandler, directory=str(html))
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            return asyncio.run(check_pages(f"http://127.0.0.1:{server.server_address[1]}/", html, executed))
+        finally:
+            server.shutdown()
+
+
+def require_browser():
     require(Path(CHROMIUM).exists(), f"{CHROMIUM} not found; install Debian's chromium")
     try:
         import playwright.async_api  # noqa: F401
     except ImportError:
         require(False, "the playwright package is not installed (pip install -e '.[test]')")
+
+
+def test_every_page_loads_offline_with_its_math_typeset_and_its_figures(site):
+    require_browser()
     html, executed = site / "html", executed_notebooks(site)
     assert sum(map(expected_images, executed.values())) > 0, "the executed notebooks made no figure"
-    handler = functools.partial(QuietHandler, directory=str(html))
-    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            problems = asyncio.run(check_pages(f"http://127.0.0.1:{server.server_address[1]}/", html, executed))
-        finally:
-            server.shutdown()
+    problems = served_check(html, executed)
     assert not problems, "\n".join(f"{rel}: {p}" for rel, found in problems.items() for p in found)
+
+
+def test_the_checks_report_a_broken_page(site, tmp_path):
+    """The test of the test: one page, perturbed in each way the checks look for, is reported each time."""
+    require_browser()
+    html, executed = site / "html", executed_notebooks(site)
+    page = "notebooks/01_dropout.html"
+    assert expected_images(executed[page]) > 0
+    (tmp_path / "notebooks").mkdir()
+    for shared in ("_static", "_images"):
+        (tmp_path / shared).symlink_to(html / shared)
+    text = (html / page).read_text(encoding="utf-8")
+    text = re.sub(r'<img [^>]*>', "", text, count=1)                               # a figure lost
+    text = text.replace("</article>", '<p>raw $$x^2$$ and $y$ left</p><a href="nowhere.html">x</a>'
+                        '<a href="#no-such-anchor">y</a><script src="https://cdn.invalid/x.js"></script>'
+                        '<span class="math notranslate nohighlight">\\frac{</span></article>', 1)
+    (tmp_path / page).write_text(text, encoding="utf-8")
+    broken = "\n".join(broken_links(tmp_path))
+    for expected in ("nowhere.html", "#no-such-anchor (no such anchor)", "https://cdn.invalid/x.js (another host)"):
+        assert expected in broken
+    found = "\n".join(served_check(tmp_path, {page: executed[page]})[page])
+    for expected in ("requested another host: https://cdn.invalid/x.js", "raw math in the text", "math not typeset: \\frac{",
+                     f"{expected_images(executed[page]) - 1} figures on the page, the notebook made"):
+        assert expected in found, f"not reported: {expected!r} in\n{found}"
