@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 PYTEST := REGLAB_BUDGET=ci OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile --nbval-lax
 
-.PHONY: lab test install labs check-labs unit notebooks browser bench clean
+.PHONY: lab test install labs check-labs unit notebooks browser bench site clean
 
 lab: install
 	$(VENV)/bin/jupyter lab --notebook-dir=. README.md
@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH)"
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -e ".[test,site]"
 	@# nbgrader comes for its command line (a test autogrades the labs with it); its JupyterLab panels
 	@# would only confuse a student, so the course's JupyterLab does not load them.
 	$(VENV)/bin/jupyter labextension disable --level=sys_prefix @jupyter/nbgrader >/dev/null
@@ -41,8 +41,11 @@ notebooks: install        ## execute every notebook (nbval, ci budget)
 browser: install          ## the JupyterLab + widgets browser test alone
 	$(PYTEST) -n 0 tests/test_browser.py
 
+site: install             ## the course as a website in build/site/html (REGLAB_BUDGET, default cpu)
+	REGLAB_BUDGET=$(or $(REGLAB_BUDGET),cpu) $(PY) site/build.py
+
 bench: install            ## trainer speed on this machine
 	$(PY) -m reglab.bench model
 
 clean:
-	rm -rf $(VENV) screenshots
+	rm -rf $(VENV) screenshots build/site

@@ -41,7 +41,7 @@ def _requirements(text):
 def test_environment_yml_lists_the_same_packages_as_pyproject():
     import tomllib
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = project["dependencies"] + project["optional-dependencies"]["test"]
+    declared = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
     env = (ROOT / "environment.yml").read_text()
     pip_section = env.split("- pip:", 1)[1]
     pip_lines = re.findall(r"^\s+- ([A-Za-z][\w.-]*[<>=!~].*)$", pip_section, re.M)
