@@ -55,9 +55,14 @@ def home_page(readme: str) -> str:
 
 
 def published_copy(nb_text: str) -> str:
-    """The notebook as published: links to a lab's solution point to the student lab instead."""
+    """The notebook as published: links to a lab's solution point to the student lab instead, and slider
+    cells are shown but not executed (myst-nb's `skip-execution` tag): a slider needs a person, and a
+    headless nbclient run can hang on a cell that opens widget comms (jupyter/nbclient#312)."""
     nb = json.loads(nb_text)
     for cell in nb["cells"]:
+        if cell["cell_type"] == "code" and re.search(r"\binteract(ive)?\(", "".join(cell["source"])):
+            tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+            tags.append("skip-execution")
         if cell["cell_type"] == "markdown":
             source = "".join(cell["source"])
             cell["source"] = re.sub(r"\]\((?:\.\./)?solutions/", "](../labs/", source)
