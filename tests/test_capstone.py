@@ -20,6 +20,7 @@ from reglab.topics.capstone.lora import LoRALinear, add_lora, merge_lora, traina
 from reglab.model import DROPOUT_SITES, GPT, GPTConfig
 from reglab.topics.capstone.recipes import FINETUNING, PRETRAINING, PUBLISHED_DECAY, decay_per_step
 from reglab.train import TrainConfig
+from solution_code import solution_cells
 
 ROOT = Path(__file__).resolve().parent.parent
 torch.set_num_threads(1)
@@ -169,19 +170,10 @@ def test_every_capstone_check_is_registered_with_points():
     assert all(REGISTRY[cid].points > 0 for cid in ids)
 
 
-def _solution_objects() -> dict:
-    """LoRALinear and add_lora as the solution notebook defines them: the checks refuse the course's reference
-    (reglab.topics.capstone.lora, a shortcut), so the tests pass the lab's own answer through them and build
-    the mistakes on it."""
-    path = Path(__file__).resolve().parent.parent / "solutions" / "05_capstone_lab.ipynb"
-    cells = {c["id"]: "".join(c["source"]) for c in json.loads(path.read_text())["cells"]}
-    namespace = {"math": math, "torch": torch, "nn": nn, "F": F}
-    for cell_id in ("lora-linear", "add-lora"):
-        exec(compile(cells[cell_id], f"{path.name}:{cell_id}", "exec"), namespace)
-    return namespace
+# LoRALinear and add_lora as the solution notebook defines them (the checks refuse the course's reference)
 
 
-SOLUTION = _solution_objects()
+SOLUTION = solution_cells("05_capstone_lab.ipynb", "lora-linear", "add-lora")
 SolutionLoRA, solution_add_lora = SOLUTION["LoRALinear"], SOLUTION["add_lora"]
 
 

@@ -12,6 +12,7 @@ from reglab.topics.clipping import lab as clip_lab
 from reglab.topics.clipping import lecture as clipping
 from reglab.checks import REGISTRY, CheckFailed, check, get
 from reglab.topics.clipping import checks as clip_checks
+from solution_code import solution_cells
 
 CHECK_IDS = sorted(k for k in REGISTRY if k.startswith("clipping."))
 
@@ -20,19 +21,8 @@ CHECK_IDS = sorted(k for k in REGISTRY if k.startswith("clipping."))
 # Classic mistakes, each a complete function with the student's signature
 # ------------------------------------------------------------------------------------------------
 
-def _solution_clip_grad_norm():
-    """The solution notebook's clip_grad_norm: the checks refuse the lecture's copy (a shortcut), so the
-    tests pass the lab's own answer through them, and build the mistakes on it."""
-    import json
-    from pathlib import Path
-    path = Path(__file__).resolve().parent.parent / "solutions" / "04_clipping_lab.ipynb"
-    cells = {c["id"]: "".join(c["source"]) for c in json.loads(path.read_text())["cells"]}
-    namespace = {"torch": torch, "math": math}
-    exec(compile(cells["clip-grad-norm"], f"{path.name}:clip-grad-norm", "exec"), namespace)
-    return namespace["clip_grad_norm"]
-
-
-solution_clip_grad_norm = _solution_clip_grad_norm()
+# the solution notebook's clip_grad_norm (the checks refuse the lecture's copy: a shortcut)
+solution_clip_grad_norm = solution_cells("04_clipping_lab.ipynb", "clip-grad-norm")["clip_grad_norm"]
 
 
 def _grads(parameters):

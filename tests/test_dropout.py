@@ -27,6 +27,7 @@ from reglab.topics.dropout.lab import SETTINGS, figures, settings_for, show_swee
 from reglab.model import DROPOUT_SITES, GPT, GPTConfig  # noqa: E402
 from reglab.topics.dropout.recall import IGNORE, recall_accuracy, recall_metrics, recall_task  # noqa: E402
 from reglab.train import TrainConfig, new_model, train  # noqa: E402
+from solution_code import solution_cells
 
 SOLUTION = Path(__file__).resolve().parent.parent / "solutions" / "01_dropout_lab.ipynb"
 REFERENCE_CELLS = ("dropout-function", "dropout-module", "dropout-block")
@@ -35,16 +36,9 @@ DROPOUT_CHECKS = ("dropout.keep_fraction", "dropout.scaling", "dropout.eval_iden
 BLOCK_CHECKS = ("dropout.block_eval", "dropout.block_sites", "dropout.block_all_sites")
 
 
-def solution_namespace() -> dict:
-    """Execute the solution's implementation cells (by cell id) in a namespace holding the setup's imports."""
-    cells = {cell["id"]: "".join(cell["source"]) for cell in json.loads(SOLUTION.read_text())["cells"]}
-    namespace = {"torch": torch, "nn": nn, "F": F, "math": math}
-    for cell_id in REFERENCE_CELLS:
-        exec(compile(cells[cell_id], f"{SOLUTION.name}:{cell_id}", "exec"), namespace)
-    return namespace
 
 
-REF = solution_namespace()
+REF = solution_cells(SOLUTION.name, *REFERENCE_CELLS)
 
 
 def verdicts(obj, check_ids, ignore_shortcuts: bool = False) -> dict[str, str | None]:

@@ -14,6 +14,7 @@ from reglab.topics.label_smoothing.lab import SETTINGS, model_config
 from reglab.topics.label_smoothing.lecture import (
     BagOfTokens, expected_calibration_error, fit_temperature, label_smoothed_cross_entropy, logit_gap,
     optimal_logit_gap, optimal_true_probability, reliability_data, smoothed_target, true_class_gradient_limit)
+from solution_code import solution_cells
 
 CHECK_IDS = sorted(k for k in REGISTRY if k.startswith("label_smoothing."))
 
@@ -40,18 +41,8 @@ def failing(fn, ignore_shortcuts: bool = False) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------
-def _solution_loss():
-    """The solution notebook's loss: the checks refuse the lecture's reference (a shortcut), so the tests pass
-    the lab's own answer through them, and build the mistakes on it."""
-    from pathlib import Path
-    path = Path(__file__).resolve().parent.parent / "solutions" / "03_label_smoothing_lab.ipynb"
-    cells = {c["id"]: "".join(c["source"]) for c in json.loads(path.read_text())["cells"]}
-    namespace = {"torch": torch, "F": F}
-    exec(compile(cells["student-loss"], f"{path.name}:student-loss", "exec"), namespace)
-    return namespace["label_smoothed_cross_entropy"]
-
-
-solution_loss = _solution_loss()
+# the solution notebook's loss (the checks refuse the lecture's reference: a shortcut)
+solution_loss = solution_cells("03_label_smoothing_lab.ipynb", "student-loss")["label_smoothed_cross_entropy"]
 
 
 # Student-style implementations: one classic mistake each, correct in every other respect

@@ -17,6 +17,7 @@ from reglab.checks import REGISTRY, CheckFailed, check, get
 from reglab.topics.weight_decay import checks as wd_checks
 from reglab.model import GPT, GPTConfig
 from reglab.train import TrainConfig, new_model, param_groups, train
+from solution_code import solution_cells
 
 matplotlib.use("Agg")
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,13 +29,8 @@ SPLIT_IDS = [i for i in CHECK_IDS if i.startswith("weight_decay.decay_split")]
 
 def solution_objects() -> dict:
     """AdamW, AdamL2 and decay_param_groups exactly as the solution notebook defines them."""
-    notebook = json.loads((ROOT / "solutions" / "02_weight_decay_lab.ipynb").read_text(encoding="utf-8"))
-    namespace = {"torch": torch}
-    for cell in notebook["cells"]:
-        if cell.get("id") in ("adamw", "adam-l2", "split"):
-            exec(compile("".join(cell["source"]), f"solution cell {cell['id']}", "exec"), namespace)
-    return {"AdamW": namespace["AdamW"], "AdamL2": namespace["AdamL2"],
-            "decay_param_groups": namespace["decay_param_groups"]}
+    namespace = solution_cells("02_weight_decay_lab.ipynb", "adamw", "adam-l2", "split")
+    return {name: namespace[name] for name in ("AdamW", "AdamL2", "decay_param_groups")}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,24 @@
+"""The tests' one way to use a lab's answer: run some cells of a solution notebook and return what they define.
+
+The checks refuse PyTorch's implementation and the course's own reference (shortcuts), so the tests pass
+the solution notebook's implementation through them instead, and build the classic mistakes on it."""
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SOLUTIONS = Path(__file__).resolve().parent.parent / "solutions"
+
+
+def solution_cells(notebook: str, *cell_ids: str) -> dict:
+    """Execute the cells (by id, in this order) of solutions/<notebook> in a namespace holding the setup's
+    usual imports (math, torch, nn, F); return that namespace."""
+    path = SOLUTIONS / notebook
+    cells = {c["id"]: "".join(c["source"]) for c in json.loads(path.read_text(encoding="utf-8"))["cells"]}
+    namespace = {"math": math, "torch": torch, "nn": nn, "F": F}
+    for cell_id in cell_ids:
+        exec(compile(cells[cell_id], f"{path.name}:{cell_id}", "exec"), namespace)
+    return namespace
