@@ -1,4 +1,5 @@
-"""The tests' one way to use a lab's answer: run some cells of a solution notebook and return what they define.
+"""The tests' one way to use a lab's answer (run some cells of a solution notebook and return what they
+define) and to grade an object with a check as the grader does (`check_message`).
 
 The checks refuse PyTorch's implementation and the course's own reference (shortcuts), so the tests pass
 the solution notebook's implementation through them instead, and build the classic mistakes on it."""
@@ -22,3 +23,16 @@ def solution_cells(notebook: str, *cell_ids: str) -> dict:
     for cell_id in cell_ids:
         exec(compile(cells[cell_id], f"{path.name}:{cell_id}", "exec"), namespace)
     return namespace
+
+
+def check_message(check_id: str, obj) -> str | None:
+    """A check's message for obj (its judge refused or failed it), None if it passes; the probe's data goes
+    through JSON on the way to the judge, as in the grader."""
+    from reglab.checks import CheckFailed, get
+    spec = get(check_id)
+    data = json.loads(json.dumps(spec.probe(obj)))
+    try:
+        spec.judge(data)
+    except CheckFailed as failure:
+        return str(failure)
+    return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from reglab.topics.dropout.lab import dropout_effect, effect_sentence, figures, seed_spread
+from solution_code import check_message
 
 
 def row(best_per_seed, gap=1.0, steps=(100, 100)):
@@ -90,16 +91,7 @@ def test_a_table_without_the_baseline_or_anything_else_is_refused_with_a_message
 
 def open_verdict(design):
     """None if the open experiment's check passes the design, else its message (data through JSON, as graded)."""
-    import json
-
-    from reglab.checks import CheckFailed, get
-    spec = get("dropout.open_experiment")
-    data = json.loads(json.dumps(spec.probe(design)))
-    try:
-        spec.judge(data)
-    except CheckFailed as failure:
-        return str(failure)
-    return None
+    return check_message("dropout.open_experiment", design)
 
 
 def two_halves(settings):

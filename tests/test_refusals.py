@@ -2,33 +2,24 @@
 student to write (reglab.checks.refusing: the probe records the shortcuts as data, the judge refuses on it)."""
 from __future__ import annotations
 
-import json
 import sys
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.functional import dropout as aliased_dropout
 
-from reglab.checks import REGISTRY, CheckFailed, Shortcut, get, shortcuts_taken
+from reglab.checks import REGISTRY, Shortcut, shortcuts_taken
 
 import reglab.topics.capstone.checks  # noqa: F401  (registers the checks)
 import reglab.topics.clipping.checks  # noqa: F401
 import reglab.topics.dropout.checks  # noqa: F401
 import reglab.topics.label_smoothing.checks  # noqa: F401
 import reglab.topics.weight_decay.checks  # noqa: F401
+from solution_code import check_message
 
 
-def refusal(check_id: str, obj) -> str | None:
-    """The judge's message if it refuses obj (or fails it otherwise), None if it passes; data through JSON."""
-    spec = get(check_id)
-    data = json.loads(json.dumps(spec.probe(obj)))
-    try:
-        spec.judge(data)
-    except CheckFailed as err:
-        return str(err)
-    return None
+refusal = check_message
 
 
 def assert_refused(check_ids, obj, path: str, reason: str):
