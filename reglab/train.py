@@ -343,7 +343,7 @@ class Run:
 
 def sweep(runs: dict, task, seeds=(0,), on_eval=None, progress: bool = True, stop_when=None,
           after: Callable[[nn.Module], dict] | None = None, keep_models: bool = False,
-          diverged: str = "raise") -> dict[Hashable, list[Run]]:
+          diverged: str = "raise", workers: int | str = 1) -> dict[Hashable, list[Run]]:
     """Train one model per (setting, seed); returns {label: [Run per seed]}, settings outer, seeds inner.
 
     runs maps a label to (model, TrainConfig). model is a GPTConfig (a fresh model whose init follows
@@ -352,27 +352,76 @@ def sweep(runs: dict, task, seeds=(0,), on_eval=None, progress: bool = True, sto
     reads the trained model (its logits, say) into Run.outputs; keep_models=True keeps the model itself.
     diverged="record" ends a run at its first non-finite loss and records it in Run.diverged_at;
     "raise" (the default) lets NonFiniteLossError through.
+    workers: runs trained at once, each in its own process on one CPU thread (`parallel_runs`); "auto"
+    is one per core on a CPU task and 1 on a GPU. The runs and their results are the same either way.
     """
     if diverged not in ("raise", "record"):
         raise ValueError(f"diverged must be 'raise' or 'record', got {diverged!r}")
-    results = {}
-    for label, (model_spec, train_config) in runs.items():
-        results[label] = []
-        for seed in seeds:
-            model = (new_model(model_spec, seed=seed, device=task.device) if isinstance(model_spec, GPTConfig)
-                     else model_spec(seed))
-            config = replace(train_config, seed=seed, progress=progress)
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            try:
-                history, diverged_at = train(model, task, config, on_eval=on_eval, desc=f"{label} seed {seed}",
-                                             stop_when=stop_when), None
-            except NonFiniteLossError as err:
-                if diverged == "raise":
-                    raise
-                history, diverged_at = err.history, err.step
-            results[label].append(Run(label, seed, config, history, trainable, task.train_tokens, diverged_at,
-                                      model if keep_models else None, after(model) if after else {}))
+    jobs = [(label, model_spec, train_config, seed) for label, (model_spec, train_config) in runs.items()
+            for seed in seeds]
+    workers = min(resolve_workers(workers, task.device), len(jobs))
+    common = (task, on_eval, stop_when, after, keep_models)
+    done = (parallel_runs(jobs, common, workers, progress) if workers > 1
+            else (train_run(*job, *common, progress=progress) for job in jobs))   # one at a time, lazily
+    results = {label: [] for label in runs}
+    for run in done:
+        if run.diverged_at is not None and diverged == "raise":
+            raise NonFiniteLossError(run.diverged_at, run.history.loss[run.diverged_at], run.history)
+        results[run.label].append(run)
     return results
+
+
+def train_run(label, model_spec, train_config: TrainConfig, seed: int, task, on_eval=None, stop_when=None,
+              after=None, keep_models: bool = False, progress: bool = True) -> Run:
+    """One (setting, seed) of a sweep: a fresh model (or model_spec(seed)) trained with the seed filled in."""
+    model = (new_model(model_spec, seed=seed, device=task.device) if isinstance(model_spec, GPTConfig)
+             else model_spec(seed))
+    config = replace(train_config, seed=seed, progress=progress)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    try:
+        history, diverged_at = train(model, task, config, on_eval=on_eval, desc=f"{label} seed {seed}",
+                                     stop_when=stop_when), None
+    except NonFiniteLossError as err:
+        history, diverged_at = err.history, err.step
+    return Run(label, seed, config, history, trainable, task.train_tokens, diverged_at,
+               model if keep_models else None, after(model) if after else {})
+
+
+def resolve_workers(workers: int | str, device) -> int:
+    """sweep's workers: a positive int, or "auto" (one per core this process may use on a CPU, else 1)."""
+    if workers == "auto":
+        if torch.device(device).type != "cpu":
+            return 1
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer or 'auto', got {workers!r}")
+    return workers
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)             # each worker one core: the runs, not the ops, are parallel
+
+
+def parallel_runs(jobs: list, common: tuple, workers: int, progress: bool) -> list[Run]:
+    """sweep's jobs in `workers` processes at once (started fresh: a forked PyTorch can hang in OpenMP),
+    returned in the jobs' order. Everything a job needs travels by pickle, so the model functions and
+    callbacks must be importable (module-level functions, GPTConfigs), not lambdas or closures."""
+    import concurrent.futures
+    import multiprocessing
+    import pickle
+    try:
+        pickle.dumps((jobs, common))
+    except (pickle.PicklingError, AttributeError, TypeError) as err:
+        raise TypeError(f"sweep(workers={workers}) sends each run to another process, and a run spec or callback "
+                        f"cannot be pickled ({err}); pass module-level functions, or workers=1") from None
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread) as pool:
+        futures = [pool.submit(train_run, *job, *common, progress=False) for job in jobs]
+        show = progress and os.environ.get("REGLAB_PROGRESS", "1") != "0"
+        for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), disable=not show,
+                           desc=f"{len(jobs)} runs, {workers} at once", leave=False):
+            future.result()                                  # a worker's error surfaces here
+        return [future.result() for future in futures]
 
 
 def histories(results: dict[Hashable, list[Run]]) -> dict[Hashable, list[History]]:

@@ -185,6 +185,49 @@ def test_sweep_records_a_divergence_when_asked_and_raises_otherwise(tiny_config,
         sweep(runs, task, progress=False, diverged="ignore")
 
 
+def test_sweep_in_worker_processes_gives_the_same_runs_in_the_same_order(tiny_config, tokens):
+    """workers=2 trains each (setting, seed) in another process on one thread: the same Runs as one at a
+    time on one thread, bit for bit (the same seeds, batches and masks), in the order of the serial sweep."""
+    task = ClassificationTask({"train": (tokens, tokens[:, 0] % 5), "val": (tokens, tokens[:, 0] % 5)}, batch_size=2)
+    config = GPTConfig(**{**tiny_config.__dict__, "n_classes": 5, "resid_dropout": 0.2})
+    runs = {"a": (config, TrainConfig(steps=6, warmup_steps=0, eval_every=3)),
+            "b": (config.with_dropout(0.0), TrainConfig(steps=4, warmup_steps=0, eval_every=2))}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = sweep(runs, task, seeds=(0, 1), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    parallel = sweep(runs, task, seeds=(0, 1), progress=False, workers=2)
+    assert list(parallel) == ["a", "b"] and [[r.seed for r in rs] for rs in parallel.values()] == [[0, 1], [0, 1]]
+    for label in runs:
+        for one, other in zip(serial[label], parallel[label]):
+            assert one.history.loss == other.history.loss and one.history.evals == other.history.evals
+            assert one.trainable_params == other.trainable_params and one.config == other.config
+
+
+def test_sweep_in_worker_processes_refuses_what_cannot_travel_and_a_bad_workers_value(tiny_config, tokens):
+    task = ClassificationTask({"train": (tokens, tokens[:, 0] % 5), "val": (tokens, tokens[:, 0] % 5)})
+    config = GPTConfig(**{**tiny_config.__dict__, "n_classes": 5})
+    runs = {"a": (lambda seed: new_model(config, seed), TrainConfig(steps=2, warmup_steps=0)),
+            "b": (config, TrainConfig(steps=2, warmup_steps=0))}
+    with pytest.raises(TypeError, match=r"sweep\(workers=2\) sends each run to another process.*workers=1"):
+        sweep(runs, task, progress=False, workers=2)
+    for bad in (0, -1, 1.5, "all", True):
+        with pytest.raises(ValueError, match=f"workers must be a positive integer or 'auto', got {bad!r}"):
+            sweep(runs, task, progress=False, workers=bad)
+
+
+def test_sweep_in_worker_processes_raises_a_divergence_like_the_serial_sweep(tiny_config, tokens):
+    task = ClassificationTask({"train": (tokens, tokens[:, 0] % 5), "val": (tokens, tokens[:, 0] % 5)})
+    config = GPTConfig(**{**tiny_config.__dict__, "n_classes": 5})
+    runs = {"too fast": (config, TrainConfig(steps=30, lr=1e6, warmup_steps=0, grad_clip=None, eval_every=30))}
+    run = sweep(runs, task, seeds=(0, 1), progress=False, diverged="record", workers=2)["too fast"][0]
+    assert run.diverged_at is not None
+    with pytest.raises(NonFiniteLossError, match=f"at step {run.diverged_at}"):
+        sweep(runs, task, seeds=(0, 1), progress=False, workers=2)
+
+
 @pytest.mark.parametrize("setting, shown", [(None, True), ("0", False)])
 def test_reglab_progress_0_turns_every_progress_bar_off(tiny_config, tokens, monkeypatch, capsys, setting, shown):
     """Headless runs (the grader's sandbox, the lab benchmark) set REGLAB_PROGRESS=0: no bar, so no widget."""

@@ -55,6 +55,8 @@ class LabSettings:
     # --- 7. the open experiment: the student's runs share this many optimizer steps (one seed each) ---
     open_steps: int | None = None    # None: the steps of one sweep run (see open_budget)
     site_seeds: int | None = None    # seeds of experiment 2; None: n_seeds (cpu runs one, to stay in 5 minutes)
+    workers: int | str = 1       # runs trained at once, one process and one core each ("auto": every core);
+                                 # ci stays at 1 (the grader's sandbox runs one process per submission)
 
     @property
     def open_budget(self) -> int:
@@ -129,14 +131,14 @@ def _seeds(settings: LabSettings, session) -> list[int]:
 def p_sweep(settings: LabSettings, text, task, session) -> dict:
     """Experiment 1: dropout p at every site, for each p in settings.ps."""
     runs = {label(p): (settings.gpt(text.vocab_size, p), settings.train_config()) for p in settings.ps}
-    return histories(sweep(runs, task, seeds=_seeds(settings, session)))
+    return histories(sweep(runs, task, seeds=_seeds(settings, session), workers=settings.workers))
 
 
 def site_sweep(settings: LabSettings, text, task, session) -> dict:
     """Experiment 2: dropout site_p at one site at a time (the sweep's p = 0 and all-sites runs are the references)."""
     runs = {site: (settings.gpt(text.vocab_size, settings.site_p, [site]), settings.train_config())
             for site in DROPOUT_SITES}
-    return histories(sweep(runs, task, seeds=_seeds(settings, session)))
+    return histories(sweep(runs, task, seeds=_seeds(settings, session), workers=settings.workers))
 
 
 def single_pass_sweep(settings: LabSettings, corpus: str, session) -> dict:
@@ -146,7 +148,7 @@ def single_pass_sweep(settings: LabSettings, corpus: str, session) -> dict:
     steps = min(task.single_pass_steps, settings.single_pass_max_steps)
     config = replace(settings.train_config(steps), eval_every=max(1, steps // 8))
     runs = {label(p): (settings.gpt(text.vocab_size, p), config) for p in (0.0, settings.compare_p)}
-    return histories(sweep(runs, task, seeds=_seeds(settings, session)))
+    return histories(sweep(runs, task, seeds=_seeds(settings, session), workers=settings.workers))
 
 
 def recall_sweep(settings: LabSettings, session):
@@ -158,7 +160,8 @@ def recall_sweep(settings: LabSettings, session):
     config = replace(settings.train_config(settings.recall_steps, settings.recall_lr),
                      eval_every=max(1, settings.recall_steps // 10))
     runs = {label(p): (base.with_dropout(p), config) for p in (0.0, settings.compare_p)}
-    return task, histories(sweep(runs, task, seeds=_seeds(settings, session), on_eval=recall_metrics(task)))
+    return task, histories(sweep(runs, task, seeds=_seeds(settings, session), on_eval=recall_metrics(task),
+                                  workers=settings.workers))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -361,7 +364,7 @@ def open_experiment(settings: LabSettings, text, task, session, design, progress
         raise ValueError("the open experiment's design is refused: " + "; ".join(problems))
     configs = {name: (settings.gpt(text.vocab_size, float(p)), settings.train_config(steps))
                for name, (p, steps) in runs.items()}
-    return histories(sweep(configs, task, seeds=[session.seed], progress=progress))
+    return histories(sweep(configs, task, seeds=[session.seed], progress=progress, workers=settings.workers))
 
 
 def open_record(settings: LabSettings, runs: dict, results: dict) -> dict:

@@ -12,6 +12,8 @@ divides by every position); use `recall_accuracy`, which decodes each value and 
 """
 from __future__ import annotations
 
+import functools
+
 from collections import Counter
 
 import torch
@@ -103,7 +105,10 @@ def recall_accuracy(model, task: RecallTask, split: str = "train", temperature: 
 
 
 def recall_metrics(task: RecallTask):
-    """An `on_eval` callback for `reglab.train.train`: greedy exact recall on the facts and on held-out keys."""
-    def on_eval(model) -> dict:
-        return {"recall": recall_accuracy(model, task, "train"), "heldout_recall": recall_accuracy(model, task, "val")}
-    return on_eval
+    """An `on_eval` callback for `reglab.train.train`: greedy exact recall on the facts and on held-out keys
+    (a partial of a module-level function, so a sweep can send it to its worker processes)."""
+    return functools.partial(_recall_on_eval, task)
+
+
+def _recall_on_eval(task: RecallTask, model) -> dict:
+    return {"recall": recall_accuracy(model, task, "train"), "heldout_recall": recall_accuracy(model, task, "val")}
