@@ -219,12 +219,12 @@ def evaluate(model: torch.nn.Module, task, split: str, amp: bool = True) -> dict
 
 
 @torch.no_grad()
-def stability_stats(model: GPT, x: torch.Tensor) -> dict[str, float]:
-    """The two quantities Wortsman et al. 2023 watch diverge, on one batch x (B, T), in eval mode, float32:
+def attention_logits(model: GPT, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One eval-mode forward of x (B, T): each layer's pre-softmax logits q k^T / sqrt(hs), (B, nh, T, T) in
+    float32 with the future masked to -inf, and the model's output logits.
 
-    "max_attn_logit": the largest pre-softmax logit q.k / sqrt(hs) over layers, heads and causal positions
-    (q and k as they leave q_norm / k_norm, read by forward hooks, so the fused SDPA path is unchanged);
-    "log_z": the mean over predictions of log Z = logsumexp of the output logits.
+    q and k are read as they leave q_norm / k_norm (forward hooks; Identity modules when qk_norm is off),
+    so the fused SDPA path needs no change.
     """
     captured: dict[nn.Module, torch.Tensor] = {}
     attentions = [block.attn for block in model.blocks]
@@ -239,13 +239,24 @@ def stability_stats(model: GPT, x: torch.Tensor) -> dict[str, float]:
             hook.remove()
         model.train(was_training)
     T = x.size(1)
-    causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device))
-    max_logit = -math.inf
+    future = ~torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device))
+    per_layer = []
     for attn in attentions:
         q, k = captured[attn.q_norm].float(), captured[attn.k_norm].float()     # (B, nh, T, hs)
         att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))                 # (B, nh, T, T)
-        max_logit = max(max_logit, float(att.masked_fill(~causal, -math.inf).max()))
-    return {"max_attn_logit": max_logit, "log_z": float(log_partition(logits).mean())}
+        per_layer.append(att.masked_fill(future, -math.inf))
+    return per_layer, logits
+
+
+def stability_stats(model: GPT, x: torch.Tensor) -> dict[str, float]:
+    """The two quantities Wortsman et al. 2023 watch diverge, on one batch x (B, T), in eval mode, float32:
+
+    "max_attn_logit": the largest pre-softmax attention logit q.k / sqrt(hs) over layers, heads and causal
+    positions (`attention_logits`); "log_z": the mean over predictions of log Z = logsumexp of the output logits.
+    """
+    per_layer, logits = attention_logits(model, x)
+    return {"max_attn_logit": max(float(att.max()) for att in per_layer),
+            "log_z": float(log_partition(logits).mean())}
 
 
 def _autocast(device: torch.device, amp: bool):
