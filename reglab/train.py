@@ -175,8 +175,9 @@ def new_model(config: GPTConfig, seed: int = 0, device="cpu") -> GPT:
 
 
 def log_partition(logits: torch.Tensor) -> torch.Tensor:
-    """log Z = logsumexp_i z_i of each prediction, in float32: (..., V) -> (N,) over the N predictions."""
-    return torch.logsumexp(logits.reshape(-1, logits.size(-1)).float(), dim=-1)
+    """log Z = logsumexp_i z_i of each prediction, in float32 (float64 stays float64): (..., V) -> (N,)."""
+    logits = logits.reshape(-1, logits.size(-1))
+    return torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 def z_loss_term(logits: torch.Tensor) -> torch.Tensor:
