@@ -1,0 +1,139 @@
+"""The open experiment at the end of every lab (reglab.experiments, each topic's OPEN_DESIGN): the solution's
+design passes its check and the lab's record of it has the lab's fields; a design over the budget, or a
+malformed one, is refused with a message naming the problem, before anything trains; an unwritten design
+reports not implemented. What a design finds is never judged. (Dropout's own cases are in
+tests/test_dropout_effect.py.)"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+
+from solution_code import check_message, solution_cells
+
+
+@dataclass
+class OpenLab:
+    notebook: str                      # the solution notebook whose cell "open-design" holds the solution's design
+    run_fields: set                    # what the record keeps per run
+    answer: str                        # the record's key for what the lab's rule picks
+    over_budget: Callable              # settings -> a design one step over the budget
+    without_task: Callable             # (settings, design) -> the lab's runner called with no task, data or model
+    malformed: list = field(default_factory=list)   # (design, a part of the message that names its problem)
+
+
+
+def lab_module(lab: str):
+    import importlib
+    return importlib.import_module(f"reglab.topics.{lab}.lab")
+
+
+LABS = {
+    "clipping": OpenLab(
+        "04_clipping_lab.ipynb", {"lr", "clip", "steps", "steps_trained", "diverged_at", "final_val_loss"},
+        "largest_stable_lr",
+        over_budget=lambda s: {"a": (1.0, None, s.open_budget), "b": (1.0, 1.0, 1)},
+        without_task=lambda s, design: lab_module("clipping").open_experiment(s, None, None, design),
+        malformed=[(lambda s: {"a": (-1.0, None, 5), "b": (1.0, 1.0, 5)}, "run 'a': lr must be a positive number, got -1.0"),
+                   (lambda s: {"a": (1.0, 0.0, 5), "b": (1.0, None, 5)},
+                    "run 'a': clip must be None (no clipping) or a positive threshold, got 0.0"),
+                   (lambda s: {"a": (1.0, 1.0, 5), "b": (0.5, 1.0, 5)}, "the design needs a run without clipping (clip None)"),
+                   (lambda s: {"a": (1.0, 5), "b": (1.0, None, 5)}, "run 'a' must be (lr, clip, steps), got (1.0, 5)"),
+                   (lambda s: {"a": (1.0, None, 2.5), "b": (1.0, 1.0, 5)}, "run 'a': steps must be a positive integer")]),
+}
+
+
+def ci_settings(lab: str):
+    return lab_module(lab).settings_for("ci")
+
+
+def solution_design(lab: str) -> Callable:
+    """open_design(settings) as the solution notebook writes it."""
+    names = {"settings": ci_settings(lab), "clipping": lab_module("clipping")}
+    return solution_cells(LABS[lab].notebook, "open-design", **names)["open_design"]
+
+
+def graded(lab: str, design) -> dict:
+    """The check's probe data for design (through JSON, as the grader passes it); its judge must pass it."""
+    from reglab.checks import get
+    spec = get(f"{lab}.open_experiment")
+    data = json.loads(json.dumps(spec.probe(design)))
+    spec.judge(data)
+    return data
+
+
+@pytest.mark.parametrize("lab", LABS)
+def test_the_solutions_design_passes_and_its_record_has_the_labs_fields(lab):
+    design, settings = solution_design(lab), ci_settings(lab)
+    found = graded(lab, design)["record"]
+    assert set(found["runs"]) == set(design(settings))
+    for run in found["runs"].values():
+        assert LABS[lab].run_fields <= set(run), set(run)
+    assert LABS[lab].answer in found
+    assert found["budget_steps"] == settings.open_budget and 0 < found["steps_spent"] <= settings.open_budget
+
+
+@pytest.mark.parametrize("lab", LABS)
+def test_a_design_over_the_budget_is_refused_with_its_total(lab):
+    budget = ci_settings(lab).open_budget
+    assert check_message(f"{lab}.open_experiment", LABS[lab].over_budget) == (
+        f"the open experiment's design is refused: the design spends {budget + 1} optimizer steps, "
+        f"over the budget of {budget}")
+
+
+@pytest.mark.parametrize("lab, index", [(lab, i) for lab in LABS for i in range(len(LABS[lab].malformed))])
+def test_a_malformed_design_is_refused_with_a_message_naming_the_problem(lab, index):
+    design, problem = LABS[lab].malformed[index]
+    message = check_message(f"{lab}.open_experiment", design)
+    assert message.startswith("the open experiment's design is refused: ") and problem in message, message
+
+
+@pytest.mark.parametrize("lab", LABS)
+def test_the_labs_runner_refuses_a_bad_design_before_it_trains(lab):
+    """The runner gets no task at all: it can only pass by refusing before it trains anything."""
+    settings = ci_settings(lab)
+    for design, problem in [(LABS[lab].over_budget, "over the budget of"), *LABS[lab].malformed]:
+        with pytest.raises(ValueError, match="the open experiment's design is refused") as refused:
+            LABS[lab].without_task(settings, design)
+        assert problem in str(refused.value)
+
+
+@pytest.mark.parametrize("lab", LABS)
+def test_an_unwritten_design_reports_not_implemented(lab):
+    from reglab.checks import CheckFailed, check
+
+    def stub(settings):
+        raise NotImplementedError()
+    with pytest.raises(CheckFailed, match="not implemented yet"):
+        check(f"{lab}.open_experiment", stub)
+
+
+@pytest.mark.parametrize("lab", LABS)
+def test_probe_data_claiming_more_steps_than_planned_or_no_runs_fails(lab):
+    from reglab.checks import CheckFailed, get
+    judge = get(f"{lab}.open_experiment").judge
+    data = graded(lab, solution_design(lab))
+    name = next(iter(data["record"]["runs"]))
+    forged = json.loads(json.dumps(data))
+    forged["record"]["runs"][name]["steps_trained"] = forged["design"][name][-1] + 1
+    with pytest.raises(CheckFailed, match="trained .* steps, its design says"):
+        judge(forged)
+    del data["record"]
+    with pytest.raises(CheckFailed, match="was not run"):
+        judge(data)
+
+
+def test_a_diverged_clipping_run_may_end_early_but_a_dropout_run_may_not():
+    """Design.may_stop_early: clipping's runs end at a divergence; dropout's always train every planned step."""
+    from reglab.checks import CheckFailed, get
+    data = graded("clipping", solution_design("clipping"))
+    name = next(iter(data["record"]["runs"]))
+    data["record"]["runs"][name]["steps_trained"] -= 1
+    get("clipping.open_experiment").judge(data)          # fewer steps than planned: a divergence, accepted
+    dropout = {"design": {"a": [0.0, 3], "b": [0.1, 3]},
+               "record": {"runs": {"a": {"steps_trained": 2, "best_val_loss": 2.0},
+                                   "b": {"steps_trained": 3, "best_val_loss": 2.0}}}}
+    with pytest.raises(CheckFailed, match="run 'a' trained 2 steps, its design says 3"):
+        get("dropout.open_experiment").judge(dropout)
