@@ -42,6 +42,14 @@ LABS = {
                    (lambda s: {"a": (1.0, 1.0, 5), "b": (0.5, 1.0, 5)}, "the design needs a run without clipping (clip None)"),
                    (lambda s: {"a": (1.0, 5), "b": (1.0, None, 5)}, "run 'a' must be (lr, clip, steps), got (1.0, 5)"),
                    (lambda s: {"a": (1.0, None, 2.5), "b": (1.0, 1.0, 5)}, "run 'a': steps must be a positive integer")]),
+    "label_smoothing": OpenLab(
+        "03_label_smoothing_lab.ipynb", {"alpha", "steps", "steps_trained", "ece", "acc"}, "lowest_ece",
+        over_budget=lambda s: {"a": (0.0, s.open_budget), "b": (0.1, 1)},
+        without_task=lambda s, design: lab_module("label_smoothing").open_experiment(s, design),
+        malformed=[(lambda s: {"a": (0.0, 5), "b": (1.0, 5)}, "run 'b': alpha must be in [0, 1), got 1.0"),
+                   (lambda s: {"a": (0.1, 5), "b": (0.2, 5)}, "the design needs an alpha = 0 run"),
+                   (lambda s: {"a": (0.0, 5), "b": (0.1, 0)}, "run 'b': steps must be a positive integer, got 0"),
+                   (lambda s: {"a": (0.0, 5)}, "the design has 1 run, it needs at least 2")]),
 }
 
 
@@ -51,7 +59,7 @@ def ci_settings(lab: str):
 
 def solution_design(lab: str) -> Callable:
     """open_design(settings) as the solution notebook writes it."""
-    names = {"settings": ci_settings(lab), "clipping": lab_module("clipping")}
+    names = {"settings": ci_settings(lab), "clipping": lab_module("clipping"), "ls": lab_module("label_smoothing")}
     return solution_cells(LABS[lab].notebook, "open-design", **names)["open_design"]
 
 
@@ -137,3 +145,19 @@ def test_a_diverged_clipping_run_may_end_early_but_a_dropout_run_may_not():
                                    "b": {"steps_trained": 3, "best_val_loss": 2.0}}}}
     with pytest.raises(CheckFailed, match="run 'a' trained 2 steps, its design says 3"):
         get("dropout.open_experiment").judge(dropout)
+
+
+def test_label_smoothings_rule_picks_the_lowest_ece_among_runs_that_kept_alpha_0s_accuracy(monkeypatch):
+    """The record's pick: a lower ECE bought with a drop beyond the tolerance does not count."""
+    from types import SimpleNamespace
+    ls = lab_module("label_smoothing")
+    settings = ci_settings("label_smoothing")
+    tolerance = settings.accuracy_tolerance
+    metrics = {"alpha=0": {"acc": 0.80, "ece": 0.20}, "alpha=0.1": {"acc": 0.80 - 1.5 * tolerance, "ece": 0.05},
+               "alpha=0.2": {"acc": 0.80 - 0.5 * tolerance, "ece": 0.10}, "alpha=0.3": {"acc": 0.81, "ece": 0.15}}
+    monkeypatch.setattr(ls, "run_metrics", lambda run, n_bins: {**metrics[run.label], "nll": 1.0})
+    runs = {name: (float(name.split("=")[1]), 10) for name in metrics}
+    results = {name: [SimpleNamespace(label=name, history=SimpleNamespace(loss=[1.0] * 10))] for name in runs}
+    found = ls.open_record(settings, runs, results)
+    assert found["reference_acc"] == 0.80 and found["unchanged_accuracy"] == ["alpha=0", "alpha=0.2", "alpha=0.3"]
+    assert found["lowest_ece"] == "alpha=0.2"
