@@ -50,6 +50,16 @@ LABS = {
                    (lambda s: {"a": (0.1, 5), "b": (0.2, 5)}, "the design needs an alpha = 0 run"),
                    (lambda s: {"a": (0.0, 5), "b": (0.1, 0)}, "run 'b': steps must be a positive integer, got 0"),
                    (lambda s: {"a": (0.0, 5)}, "the design has 1 run, it needs at least 2")]),
+    "weight_decay": OpenLab(
+        "02_weight_decay_lab.ipynb", {"weight_decay", "lr", "steps", "steps_trained", "grok_step", "final_test_acc"},
+        "fastest",
+        over_budget=lambda s: {"a": (1.0, s.lr, s.open_budget), "b": (0.0, s.lr, 1)},
+        without_task=lambda s, design: lab_module("weight_decay").open_experiment(s, design),
+        malformed=[(lambda s: {"a": (-1.0, s.lr, 5), "b": (1.0, s.lr, 5)},
+                    "run 'a': weight_decay must be a number >= 0, got -1.0"),
+                   (lambda s: {"a": (1.0, 0, 5), "b": (1.0, s.lr, 5)}, "run 'a': lr must be a positive number, got 0"),
+                   (lambda s: {"a": (1.0, 5), "b": (1.0, s.lr, 5)}, "run 'a' must be (weight_decay, lr, steps)"),
+                   (lambda s: {}, "a design is a non-empty dict {label: (weight_decay, lr, steps)}, got dict {}")]),
 }
 
 
