@@ -60,6 +60,17 @@ LABS = {
                    (lambda s: {"a": (1.0, 0, 5), "b": (1.0, s.lr, 5)}, "run 'a': lr must be a positive number, got 0"),
                    (lambda s: {"a": (1.0, 5), "b": (1.0, s.lr, 5)}, "run 'a' must be (weight_decay, lr, steps)"),
                    (lambda s: {}, "a design is a non-empty dict {label: (weight_decay, lr, steps)}, got dict {}")]),
+    "capstone": OpenLab(
+        "05_capstone_lab.ipynb", {"r", "lora_dropout", "steps", "steps_trained", "final_val_loss", "forgetting"},
+        "least_forgetting",
+        over_budget=lambda s: {"full": (None, 0.0, s.open_budget), "LoRA": (4, 0.0, 1)},
+        without_task=lambda s, design: lab_module("capstone").open_experiment(s, None, None, None, design),
+        malformed=[(lambda s: {"a": (4, 0.0, 5), "b": (8, 0.1, 5)}, "the design needs a full fine-tuning run (r None)"),
+                   (lambda s: {"a": (None, 0.1, 5), "b": (4, 0.0, 5)},
+                    "run 'a': a full fine-tuning run (r None) has no adapter: its lora_dropout must be 0, got 0.1"),
+                   (lambda s: {"a": (None, 0.0, 5), "b": (2.5, 0.0, 5)},
+                    "run 'b': r must be None (full fine-tuning) or a positive integer rank, got 2.5"),
+                   (lambda s: {"a": (None, 0.0, 5), "b": (4, 1.0, 5)}, "run 'b': lora_dropout must be in [0, 1), got 1.0")]),
 }
 
 
@@ -69,7 +80,8 @@ def ci_settings(lab: str):
 
 def solution_design(lab: str) -> Callable:
     """open_design(settings) as the solution notebook writes it."""
-    names = {"settings": ci_settings(lab), "clipping": lab_module("clipping"), "ls": lab_module("label_smoothing")}
+    names = {"settings": ci_settings(lab), "clipping": lab_module("clipping"), "ls": lab_module("label_smoothing"),
+             "capstone": lab_module("capstone")}
     return solution_cells(LABS[lab].notebook, "open-design", **names)["open_design"]
 
 
