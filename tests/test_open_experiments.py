@@ -183,3 +183,53 @@ def test_label_smoothings_rule_picks_the_lowest_ece_among_runs_that_kept_alpha_0
     found = ls.open_record(settings, runs, results)
     assert found["reference_acc"] == 0.80 and found["unchanged_accuracy"] == ["alpha=0", "alpha=0.2", "alpha=0.3"]
     assert found["lowest_ece"] == "alpha=0.2"
+
+
+def fake_run(steps: int, val_loss: float = 2.0, diverged_at=None, **extra):
+    """What the records read of a Run: its history (per-step losses, evaluations) and outputs."""
+    from types import SimpleNamespace
+    from reglab.train import History
+    evals = extra.pop("evals", [{"step": steps, "val_loss": val_loss, **extra.pop("final", {})}])
+    return SimpleNamespace(history=History(loss=[1.0] * steps, evals=evals), diverged_at=diverged_at, **extra)
+
+
+def test_clippings_record_keeps_the_largest_lr_that_did_not_diverge_per_clip():
+    clip_lab = lab_module("clipping")
+    runs = {"none 0.3": (0.3, None, 10), "none 1": (1.0, None, 10), "none 3": (3.0, None, 10),
+            "c=1 0.3": (0.3, 1.0, 10), "c=1 1": (1.0, 1.0, 10), "c=1 3": (3.0, 1.0, 10), "c=0.25 3": (3.0, 0.25, 10)}
+    diverged = {"none 1": 4, "none 3": 2, "c=1 3": 7, "c=0.25 3": 5}
+    results = {name: [fake_run(diverged.get(name, 10), diverged_at=diverged.get(name))] for name in runs}
+    found = clip_lab.open_record(ci_settings("clipping"), runs, results)
+    assert found["largest_stable_lr"] == {"none": 0.3, "1": 1.0, "0.25": None}
+    assert found["runs"]["none 1"]["final_val_loss"] is None and found["runs"]["c=1 1"]["final_val_loss"] == 2.0
+    assert found["steps_spent"] == 10 * 3 + 4 + 2 + 7 + 5
+
+
+def test_weight_decays_record_names_the_run_that_grokked_first_or_none():
+    wd_lab = lab_module("weight_decay")
+    settings = ci_settings("weight_decay")
+
+    def grokking(*accuracies):
+        evals = [{"step": 10 * (i + 1), "val_acc": a} for i, a in enumerate(accuracies)]
+        return [fake_run(10 * len(accuracies), evals=evals).history]          # the lab's runner returns histories
+    runs = {"λ=1": (1.0, 3e-3, 30), "λ=2": (2.0, 3e-3, 30), "λ=0": (0.0, 3e-3, 30)}
+    results = {"λ=1": grokking(0.5, 0.995, 1.0), "λ=2": grokking(0.99, 1.0), "λ=0": grokking(0.4, 0.5, 0.5)}
+    found = wd_lab.open_record(settings, runs, results)
+    assert [found["runs"][name]["grok_step"] for name in runs] == [20, 10, None] and found["fastest"] == "λ=2"
+    del runs["λ=1"], runs["λ=2"]
+    assert wd_lab.open_record(settings, runs, results)["fastest"] is None
+
+
+def test_capstones_record_picks_the_least_forgetting_among_runs_no_worse_than_full():
+    """A run that forgets less but whose val loss exceeds full's by more than two standard errors does not count."""
+    capstone = lab_module("capstone")
+    runs = {"full": (None, 0.0, 10), "LoRA r=4": (4, 0.0, 10), "LoRA r=2": (2, 0.0, 10)}
+
+    def run(val_loss, orig_loss):
+        return [fake_run(10, val_loss, final={"orig_loss": orig_loss}, trainable_params=100,
+                         outputs={"val_loss_error": 0.01})]
+    results = {"full": run(3.00, 2.5), "LoRA r=4": run(3.015, 2.1), "LoRA r=2": run(3.05, 2.0)}
+    found = capstone.open_record(ci_settings("capstone"), runs, results, orig_before=2.0)
+    assert found["reference"] == "full" and found["val_loss_tolerance"] == pytest.approx(0.02)
+    assert found["no_worse_than_full"] == ["full", "LoRA r=4"] and found["least_forgetting"] == "LoRA r=4"
+    assert found["runs"]["LoRA r=2"]["forgetting"] == pytest.approx(0.0)
