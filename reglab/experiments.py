@@ -27,6 +27,7 @@ REFUSED = "the open experiment's design is refused: "
 
 
 def no_design_rules(runs: dict) -> list[str]:
+    """The default: any set of well-formed runs makes a design."""
     return []
 
 
@@ -105,16 +106,17 @@ def open_check(lab: str, budget: str = "ci") -> Check:
 
     def probe(open_design) -> dict:
         import torch
-        lab, settings = topic(), topic().settings_for(budget)
+        module = topic()
+        settings = module.settings_for(budget)
         runs = open_design(settings)
         if not isinstance(runs, dict):
             return {"design": repr(runs)[:200]}
         described = {str(name): [_plain(v) for v in run] if isinstance(run, (tuple, list)) else repr(run)[:80]
                      for name, run in runs.items()}
-        if lab.OPEN_DESIGN.problems(runs, settings.open_budget):
-            return {"design": described}
+        if module.OPEN_DESIGN.problems(runs, settings.open_budget):
+            return {"design": described}                  # refused: the judge says why, nothing trains
         with torch.random.fork_rng(devices=[]):
-            return {"design": described, "record": lab.open_graded(settings, open_design)}
+            return {"design": described, "record": module.open_graded(settings, open_design)}
 
     def judge(data: dict) -> None:
         design = topic().OPEN_DESIGN
