@@ -23,7 +23,6 @@ class OpenLab:
     malformed: list = field(default_factory=list)   # (design, a part of the message that names its problem)
 
 
-
 def lab_module(lab: str):
     import importlib
     return importlib.import_module(f"reglab.topics.{lab}.lab")
@@ -121,8 +120,12 @@ def test_a_malformed_design_is_refused_with_a_message_naming_the_problem(lab, in
 
 
 @pytest.mark.parametrize("lab", LABS)
-def test_the_labs_runner_refuses_a_bad_design_before_it_trains(lab):
-    """The runner gets no task at all: it can only pass by refusing before it trains anything."""
+def test_the_labs_runner_refuses_a_bad_design_before_it_trains(lab, monkeypatch):
+    """The runner gets no task or model where it takes them, and its sweep fails if called: it can only pass
+    by refusing before it trains anything."""
+    def no_training(*args, **kwargs):
+        raise AssertionError("the runner trained a design it should have refused")
+    monkeypatch.setattr(lab_module(lab), "sweep", no_training)
     settings = ci_settings(lab)
     for design, problem in [(LABS[lab].over_budget, "over the budget of"), *LABS[lab].malformed]:
         with pytest.raises(ValueError, match="the open experiment's design is refused") as refused:
