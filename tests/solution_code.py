@@ -14,12 +14,13 @@ import torch.nn.functional as F
 SOLUTIONS = Path(__file__).resolve().parent.parent / "solutions"
 
 
-def solution_cells(notebook: str, *cell_ids: str) -> dict:
+def solution_cells(notebook: str, *cell_ids: str, **names) -> dict:
     """Execute the cells (by id, in this order) of solutions/<notebook> in a namespace holding the setup's
-    usual imports (math, torch, nn, F); return that namespace."""
+    usual imports (math, torch, nn, F) and `names` (what the setup would have made: settings, a lab module);
+    return that namespace."""
     path = SOLUTIONS / notebook
     cells = {c["id"]: "".join(c["source"]) for c in json.loads(path.read_text(encoding="utf-8"))["cells"]}
-    namespace = {"math": math, "torch": torch, "nn": nn, "F": F}
+    namespace = {"math": math, "torch": torch, "nn": nn, "F": F, **names}
     for cell_id in cell_ids:
         exec(compile(cells[cell_id], f"{path.name}:{cell_id}", "exec"), namespace)
     return namespace

@@ -166,7 +166,7 @@ def failures(check_ids, obj) -> dict:
 
 def test_every_capstone_check_is_registered_with_points():
     ids = {cid for cid in REGISTRY if cid.startswith("capstone.")}
-    assert ids == {*LAYER_CHECKS, *STEP_CHECKS, "capstone.add_lora"}
+    assert ids == {*LAYER_CHECKS, *STEP_CHECKS, "capstone.add_lora", "capstone.open_experiment"}
     assert all(REGISTRY[cid].points > 0 for cid in ids)
 
 

@@ -5,7 +5,9 @@ The answer key is PyTorch: each judge rebuilds the expected values from the prob
 F.linear, autograd, torch.optim.AdamW and torch.nn.utils.clip_grad_norm_, in float64 where it can.
 The LoRA layer's interface (the reference is reglab.topics.capstone.lora.LoRALinear): LoRALinear(base, r, alpha,
 lora_dropout) with attributes `base` (the frozen nn.Linear), `lora_A` (r, in), `lora_B` (out, r),
-`forward(x)` and `merge() -> nn.Linear`.
+`forward(x)` and `merge() -> nn.Linear`. The open experiment's check ("capstone.open_experiment", from
+reglab.experiments) only confirms that the student's open_design(settings) ran within its budget of optimizer
+steps: what it finds has no fixed answer.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reglab.checks import Check, CheckFailed, Shortcut, add, refuse
+from reglab.experiments import open_check
 
 ATOL = 1e-5      # float32 outputs of magnitude ~1 against a float64 recomputation
 
@@ -568,3 +571,9 @@ refuse("capstone", "zero_init scale merge lora_dropout adapter_grads add_lora me
        "the exercise is to write the adapter yourself",
        *(Shortcut(f"reglab.topics.capstone.lora.{name}", "it is the course's own reference")
          for name in ("add_lora", "LoRALinear", "merge_lora")))
+
+
+# ---------------------------------------------------------------------------- the open experiment
+# A design the student chose, run within the budget (no fixed answer); not refused above, since its runs
+# use the course's own adapters.
+OPEN = add(open_check("capstone"))    # reglab.experiments: the design ran within its budget (what it found is yours)

@@ -1,5 +1,6 @@
 """Topic capstone, lab: pretrain in one pass, fine-tune for many epochs (fully and with LoRA), and place
-every run on the regime map (times each token was seen x parameters per training token).
+every run on the regime map (times each token was seen x parameters per training token); the open
+experiment at its end (the adapter rank and lora_dropout that forget least at full fine-tuning's val loss).
 
 The settings per budget live in SETTINGS; the notebooks call the functions below and keep only the
 plotting of what they show. The fine-tuning text is derived on the spot from the docstrings of a
@@ -9,11 +10,15 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from reglab.budget import by_budget
 from reglab.data import Corpus, LMTask, corpus_task, interleaved_split, load_corpus
+from reglab.experiments import Design, record
 from reglab.model import GPT, GPTConfig
 from reglab.plots import colors_for, plot_highlighted
 from reglab.topics.capstone.lora import add_lora
@@ -47,6 +52,7 @@ class CapstoneSettings:
     lora_alpha: float
     eval_batches: int              # fixed evaluation batches per split
     seeds: int                     # runs per setting: seed, seed + 1, ...
+    open_budget: int               # optimizer steps the open experiment's fine-tuning runs may spend in all
     lora_dropouts: tuple[float, ...] = (0.0, 0.05, 0.1)
     finetune_dropout: float = FINETUNING.resid_dropout
 
@@ -55,18 +61,21 @@ class CapstoneSettings:
                          n_head=self.n_head, n_embd=self.n_embd)
 
 
+# The open experiment's budget: four fine-tuning runs of the lab's length, one seed each (the lab's own
+# fine-tuning is five runs per seed): room for the full-fine-tuning reference and three adapters. Counted in
+# steps, not timed: at the cpu size it adds about 40% to the fine-tuning's 3,200 steps.
 SETTINGS = {
     # seconds on one thread: a 1-layer model, a 10k-character pass, 30-step fine-tunes
     "ci": CapstoneSettings(n_layer=1, n_head=2, n_embd=32, block_size=32, pretrain_chars=10_000,
                            batch_size=8, lr=3e-3, pretrain_eval_every=13, finetune_chars=3_000,
                            finetune_batch_size=8, finetune_steps=30, finetune_eval_every=10,
-                           lora_r=4, lora_alpha=8.0, eval_batches=2, seeds=1),
+                           lora_r=4, lora_alpha=8.0, eval_batches=2, seeds=1, open_budget=120),
     # minutes on 2 cores: the course model, the whole corpus once, ~60 epochs of a 6k-character text,
     # 2 seeds (about 85 s of single-thread CPU time per seed, estimated from measured step times)
     "cpu": CapstoneSettings(n_layer=2, n_head=4, n_embd=64, block_size=64, pretrain_chars=None,
                             batch_size=32, lr=3e-3, pretrain_eval_every=34, finetune_chars=6_000,
                             finetune_batch_size=16, finetune_steps=320, finetune_eval_every=32,
-                            lora_r=8, lora_alpha=16.0, eval_batches=6, seeds=2),
+                            lora_r=8, lora_alpha=16.0, eval_batches=6, seeds=2, open_budget=1280),
     # one GPU, aimed at under 3 minutes (its time not yet measured on a GPU): a 4-layer, 128-wide model,
     # 2 seeds, ~110 epochs of a 16k-character text. Run on a CPU instead (fp32, 44 min on one thread):
     # pretraining dropout 0.1 hurt (2.197 vs 2.176); full fine-tuning forgot +0.51 nats, LoRA +0.28;
@@ -74,7 +83,7 @@ SETTINGS = {
     "gpu": CapstoneSettings(n_layer=4, n_head=4, n_embd=128, block_size=128, pretrain_chars=None,
                             batch_size=16, lr=2e-3, pretrain_eval_every=34, finetune_chars=16_000,
                             finetune_batch_size=16, finetune_steps=800, finetune_eval_every=40,
-                            lora_r=8, lora_alpha=16.0, eval_batches=8, seeds=2),
+                            lora_r=8, lora_alpha=16.0, eval_batches=8, seeds=2, open_budget=3200),
 }
 
 
@@ -184,21 +193,120 @@ def finetune(pretraining: Pretraining, ft_task: LMTask, settings: CapstoneSettin
     how much of the original text the model forgets. Seeds outer, runs inner: a LoRA adapter's
     initial A is drawn from the global generator, so this order is part of what a seed reproduces.
     """
-    def on_eval(model):
-        return {"orig_loss": evaluate(model, pretraining.task, "val")["val_loss"]}
-
-    def lr(label: str) -> float:
-        return (FINETUNING.lora_lr_ratio if label.startswith("LoRA") else FINETUNING.lr_ratio) * settings.lr
-
     runs: dict[str, list[Run]] = {label: [] for label in finetune_labels(settings)}
     for index, pretrained in enumerate(pretraining.models["dropout 0"]):
         setups = {label: (lambda s, label=label, pretrained=pretrained: finetune_model(pretrained, label, settings),
-                          FINETUNING.train_config(settings.finetune_steps, lr(label),
-                                                  eval_every=settings.finetune_eval_every))
+                          finetune_config(settings, label.startswith("LoRA")))
                   for label in runs}
-        for label, done in sweep(setups, ft_task, seeds=(seed + index,), on_eval=on_eval, progress=progress).items():
+        for label, done in sweep(setups, ft_task, seeds=(seed + index,), on_eval=forgetting(pretraining.task),
+                                 progress=progress).items():
             runs[label] += done
     return runs
+
+
+def forgetting(original: LMTask):
+    """A sweep's on_eval: `orig_loss`, the loss on the pretraining corpus's validation split."""
+    return lambda model: {"orig_loss": evaluate(model, original, "val")["val_loss"]}
+
+
+def finetune_config(settings: CapstoneSettings, lora: bool, steps: int | None = None):
+    """The fine-tuning recipe's TrainConfig; LoRA adapters train at their own lr ratio. steps defaults to
+    settings.finetune_steps."""
+    steps = steps or settings.finetune_steps
+    lr = (FINETUNING.lora_lr_ratio if lora else FINETUNING.lr_ratio) * settings.lr
+    return FINETUNING.train_config(steps, lr, eval_every=min(settings.finetune_eval_every, steps))
+
+
+# ---------------------------------------------------------------------------- the open experiment
+
+def rank_dropout_problems(r, lora_dropout) -> list[str]:
+    """What is wrong with a run's (r, lora_dropout), r None meaning full fine-tuning; [] when nothing is."""
+    problems = []
+    if not (r is None or (isinstance(r, int) and not isinstance(r, bool) and r >= 1)):
+        problems.append(f"r must be None (full fine-tuning) or a positive integer rank, got {r!r}")
+    if not (isinstance(lora_dropout, (int, float)) and not isinstance(lora_dropout, bool) and 0 <= lora_dropout < 1):
+        problems.append(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    elif r is None and lora_dropout != 0:
+        problems.append(f"a full fine-tuning run (r None) has no adapter: its lora_dropout must be 0, got {lora_dropout!r}")
+    return problems
+
+
+def has_full_run(runs: dict) -> list[str]:
+    """The rule compares with full fine-tuning's val loss: a design needs a run with r None."""
+    return [] if any(r is None for r, _, _ in runs.values()) else [
+        "the design needs a full fine-tuning run (r None): the val loss the rule compares with"]
+
+
+OPEN_DESIGN = Design(knobs=("r", "lora_dropout"), knob_problems=rank_dropout_problems, design_rules=has_full_run,
+                     finite_keys=("final_val_loss", "forgetting"))
+
+
+def open_model(pretrained: GPT, r: int | None, lora_dropout: float, settings: CapstoneSettings) -> GPT:
+    """A copy of the pretrained model; with rank r, adapters whose alpha / r is the lab's (settings.lora_alpha /
+    settings.lora_r), so r changes the rank and not the scale of the update."""
+    model = GPT(pretrained.config).to(next(pretrained.parameters()).device)
+    model.load_state_dict(pretrained.state_dict())
+    if r is not None:
+        add_lora(model, r=r, alpha=r * settings.lora_alpha / settings.lora_r, lora_dropout=lora_dropout)
+    return model
+
+
+@torch.no_grad()
+def val_loss_error(model: GPT, task: LMTask) -> dict:
+    """A sweep's after(model): the standard error of the mean per-character val loss, sd / sqrt(n), over the
+    task's n evaluated characters."""
+    import torch.nn.functional as F
+    was_training = model.training
+    model.eval()
+    losses = torch.cat([F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="none")
+                        for x, y in task.eval_batches("val")])                     # (n,)
+    model.train(was_training)
+    return {"val_loss_error": float(losses.std() / math.sqrt(losses.numel()))}
+
+
+def open_experiment(settings: CapstoneSettings, pretrained: GPT, ft_task: LMTask, original: LMTask, design,
+                    seed: int = 0, progress: bool = False) -> dict[str, list[Run]]:
+    """Run the student's design (a function of the settings returning {label: (r, lora_dropout, steps)}, r None
+    for full fine-tuning) from the pretrained model with the fine-tuning recipe and the lab's sweep, one seed each.
+
+    Refuses a design that spends more than settings.open_budget optimizer steps in all, before training."""
+    runs = OPEN_DESIGN.planned(design, settings)
+    setups = {name: (lambda s, r=r, p=p: open_model(pretrained, r, float(p), settings),
+                     finetune_config(settings, r is not None, steps))
+              for name, (r, p, steps) in runs.items()}
+    return sweep(setups, ft_task, seeds=(seed,), on_eval=forgetting(original), progress=progress,
+                 after=lambda model: val_loss_error(model, ft_task))
+
+
+def open_record(settings: CapstoneSettings, runs: dict, results: dict[str, list[Run]], orig_before: float) -> dict:
+    """Each run's r, lora_dropout, steps, final val loss on the new text and forgetting (the rise of the loss
+    on the original corpus from orig_before); the reference (the full run with the lowest final val loss), the
+    tolerance (two standard errors of that run's mean val loss), and, of the runs whose final val loss is at
+    most the reference's + tolerance, the one that forgot least (the rule's pick)."""
+    found = {}
+    for name, (r, p, steps) in runs.items():
+        run = results[name][0]
+        found[name] = {"r": r, "lora_dropout": float(p), "steps": steps, "steps_trained": len(run.history.loss),
+                       "trainable_params": run.trainable_params, "final_val_loss": run.history.final["val_loss"],
+                       "forgetting": run.history.final["orig_loss"] - orig_before,
+                       "val_loss_error": run.outputs["val_loss_error"]}
+    reference = min((name for name, row in found.items() if row["r"] is None),
+                    key=lambda name: found[name]["final_val_loss"])
+    tolerance = 2 * found[reference]["val_loss_error"]
+    limit = found[reference]["final_val_loss"] + tolerance
+    no_worse = [name for name, row in found.items() if row["final_val_loss"] <= limit]
+    return record(settings.open_budget, found, reference=reference, val_loss_tolerance=tolerance,
+                  no_worse_than_full=no_worse, least_forgetting=min(no_worse, key=lambda name: found[name]["forgetting"]))
+
+
+def open_graded(settings: CapstoneSettings, design) -> dict:
+    """The design as the grader runs it (the built-in corpus and stdlib docstrings, the CPU, seed 0): its record."""
+    pretraining = pretrain(replace(settings, seeds=1), "builtin", seed=0)
+    pretrained = pretraining.models["dropout 0"][0]
+    ft_task = finetune_task(finetune_corpus(STDLIB_DOCSTRINGS, pretraining.corpus.chars, settings.finetune_chars),
+                            settings, seed=0)
+    results = open_experiment(settings, pretrained, ft_task, pretraining.task, design)
+    return open_record(settings, design(settings), results, pretraining.runs["dropout 0"][0].history.final["val_loss"])
 
 
 # ---------------------------------------------------------------------------- summaries

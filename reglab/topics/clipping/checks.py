@@ -4,7 +4,9 @@ The student's function has the signature `clip_grad_norm(parameters, max_norm, e
 error_if_nonfinite=False)` and must behave like PyTorch's: return the pre-clip global norm, scale every
 gradient in place by min(1, max_norm / (norm + eps)), skip parameters without a gradient, read
 `parameters` once (it may be a generator), and on a non-finite norm either raise (error_if_nonfinite)
-or scale anyway, which turns the finite gradients into zeros.
+or scale anyway, which turns the finite gradients into zeros. The open experiment's check
+("clipping.open_experiment", from reglab.experiments) only confirms that the student's open_design(settings)
+ran within its budget of optimizer steps: what it finds has no fixed answer.
 
 Every probe builds its inputs itself from a named case below; every judge rebuilds the same case and
 runs PyTorch's function on it, so the data the probe returns holds only what the student's code did.
@@ -16,6 +18,7 @@ import math
 import torch
 
 from reglab.checks import Check, CheckFailed, Shortcut, add, refuse
+from reglab.experiments import open_check
 
 EPS = 1e-6                   # torch's constant in clip_grad_norm_: scale = max_norm / (norm + 1e-6)
 RTOL, ATOL = 1e-4, 1e-7      # float32 sums in another order differ by ~1e-7 relative; 1e-4 leaves room
@@ -408,3 +411,11 @@ refuse("clipping", "total_norm scaling direction skips_missing generator eps non
        Shortcut("torch.nn.utils.clip_grads_with_norm_", "it is half of the answer key (the scaling)"),
        Shortcut("torch.nn.utils.get_total_norm", "it is half of the answer key (the global norm)"),
        Shortcut("reglab.topics.clipping.lecture.clip_grad_norm", "it is the course's own reference"))
+
+
+# --------------------------------------------------------------------------------------------------
+# The open experiment: a design the student chose, run within the budget (no fixed answer); not refused
+# above, since the trainer clips with torch's function
+# --------------------------------------------------------------------------------------------------
+
+OPEN = add(open_check("clipping"))    # reglab.experiments: the design ran within its budget (what it found is yours)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from reglab.budget import by_budget
+from reglab.experiments import Design, record
 from reglab.model import GPTConfig
 from reglab.plots import colors_for, plot_highlighted
 # SPIKE_FACTOR and SPIKE_WINDOW: the spike definition the lab's record states
@@ -47,6 +48,7 @@ class ClipLabSettings:
     steps: int
     eval_every: int
     seeds: int                 # runs per setting: seed, seed + 1, ...
+    open_budget: int           # optimizer steps the open experiment's runs may spend in all (one seed each)
     lr: float = 1.0            # SGD's peak lr: unclipped, the first large gradients throw the run out (measured)
     momentum: float = 0.9      # heavy-ball momentum of SGD
     warmup_steps: int = 50     # only in the warmup comparison; the sweep starts at the peak lr
@@ -59,30 +61,38 @@ class ClipLabSettings:
         return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
                          n_head=self.n_head, n_embd=self.n_embd)
 
-    def train_config(self, grad_clip: float | None, warmup_steps: int = 0, optimizer: str = "sgd") -> TrainConfig:
-        """SGD with momentum (weight decay 0: coupled L2 at lr 1 would dominate the step), or AdamW."""
+    def train_config(self, grad_clip: float | None, warmup_steps: int = 0, optimizer: str = "sgd",
+                     lr: float | None = None, steps: int | None = None) -> TrainConfig:
+        """SGD with momentum (weight decay 0: coupled L2 at lr 1 would dominate the step), or AdamW.
+        lr and steps default to the sweep's (the optimizer's own peak lr, settings.steps)."""
+        steps = steps or self.steps
         if optimizer == "sgd":
-            return TrainConfig(steps=self.steps, lr=self.lr, warmup_steps=warmup_steps, schedule="cosine",
+            return TrainConfig(steps=steps, lr=lr or self.lr, warmup_steps=warmup_steps, schedule="cosine",
                                weight_decay=0.0, betas=(self.momentum, 0.999), optimizer=sgd_momentum,
-                               grad_clip=grad_clip, eval_every=self.eval_every)
+                               grad_clip=grad_clip, eval_every=min(self.eval_every, steps))
         if optimizer == "adamw":
-            return TrainConfig(steps=self.steps, lr=self.adamw_lr, warmup_steps=warmup_steps, schedule="cosine",
+            return TrainConfig(steps=steps, lr=lr or self.adamw_lr, warmup_steps=warmup_steps, schedule="cosine",
                                weight_decay=self.adamw_weight_decay, betas=self.adamw_betas, optimizer="adamw",
-                               grad_clip=grad_clip, eval_every=self.eval_every)
+                               grad_clip=grad_clip, eval_every=min(self.eval_every, steps))
         raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
 
 
+# The open experiment's budget: six runs of half the sweep's steps (a ladder of three learning rates per arm,
+# with and without a clip), since a too-high lr without warmup diverges within the first steps (unclipped SGD
+# at lr 1 on the cpu budget: steps 11 and 13) while the learning rate is still near its peak. That is 3 of
+# the sweep's 8 settings x seeds runs in steps: the lab's time grows by about a fifth (counted in steps,
+# not timed).
 SETTINGS = {
     # seconds: the code paths of the cpu run at toy size; no effect is expected or asserted
     "ci": ClipLabSettings(n_layer=1, n_embd=32, n_head=2, block_size=32, batch_size=8, steps=24, eval_every=12,
-                          seeds=1, warmup_steps=6),
+                          seeds=1, open_budget=72, warmup_steps=6),
     # measured on 2 shared CPU cores (seeds 0, 1): unclipped SGD at lr 1 diverged at steps 11 and 13; c = 1
     # trained both seeds to val loss 2.51; a 50-step warmup without clipping only postponed it (steps 60, 103)
     "cpu": ClipLabSettings(n_layer=2, n_embd=64, n_head=4, block_size=64, batch_size=16, steps=400, eval_every=50,
-                           seeds=2),
+                           seeds=2, open_budget=1200),
     # not measured yet: a wider, deeper model; 8 runs per seed of ~500 short steps on one GPU
     "gpu": ClipLabSettings(n_layer=4, n_embd=256, n_head=4, block_size=128, batch_size=32, steps=500,
-                           eval_every=100, seeds=2),
+                           eval_every=100, seeds=2, open_budget=1500),
 }
 
 
@@ -132,6 +142,72 @@ def adamw_runs(settings: ClipLabSettings, task, vocab_size: int, seed: int = 0,
     gpt = settings.gpt_config(vocab_size)
     return _sweep({f"AdamW, {clip_label(c)}": (gpt, settings.train_config(c, optimizer="adamw"))
                    for c in (None, 1.0)}, settings, task, seed, progress)
+
+
+# --------------------------------------------------------------------------------------------------
+# The open experiment: the largest stable learning rate with and without clipping, within a step budget
+# --------------------------------------------------------------------------------------------------
+
+def lr_clip_problems(lr, clip) -> list[str]:
+    """What is wrong with a run's (lr, clip); [] when nothing is."""
+    problems = []
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
+        problems.append(f"lr must be a positive number, got {lr!r}")
+    if not (clip is None or (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0)):
+        problems.append(f"clip must be None (no clipping) or a positive threshold, got {clip!r}")
+    return problems
+
+
+def both_arms(runs: dict) -> list[str]:
+    """The question compares with and without clipping: a design needs a run of each."""
+    clips = [clip for _, clip, _ in runs.values()]
+    missing = [arm for arm, present in (("without clipping (clip None)", None in clips),
+                                        ("with clipping (a threshold)", any(c is not None for c in clips)))
+               if not present]
+    return [f"the design needs a run {arm}" for arm in missing]
+
+
+# a run may end early: at its first non-finite loss (sweep(..., diverged="record"))
+OPEN_DESIGN = Design(knobs=("lr", "clip"), knob_problems=lr_clip_problems, design_rules=both_arms,
+                     may_stop_early=True)
+
+
+def open_experiment(settings: ClipLabSettings, task, vocab_size: int, design, seed: int = 0,
+                    progress: bool = True) -> dict[str, list[Run]]:
+    """Run the student's design (a function of the settings returning {label: (lr, clip, steps)}): SGD with
+    momentum as in the sweep, no warmup, one seed each; a divergence ends a run and is recorded.
+
+    Refuses a design that spends more than settings.open_budget optimizer steps in all, before training."""
+    runs = OPEN_DESIGN.planned(design, settings)
+    gpt = settings.gpt_config(vocab_size)
+    configs = {name: (gpt, settings.train_config(None if clip is None else float(clip), lr=float(lr), steps=steps))
+               for name, (lr, clip, steps) in runs.items()}
+    return sweep(configs, task, seeds=(seed,), progress=progress, diverged="record")
+
+
+def open_record(settings: ClipLabSettings, runs: dict, results: dict[str, list[Run]]) -> dict:
+    """Each run's lr, clip, steps, the step it diverged at (None: it finished) and final val loss; and per clip
+    ('none', '1', ...) the largest lr that did not diverge (None: every run of that clip diverged)."""
+    found = {}
+    for name, (lr, clip, steps) in runs.items():
+        run = results[name][0]
+        found[name] = {"lr": float(lr), "clip": None if clip is None else float(clip), "steps": steps,
+                       "steps_trained": len(run.history.loss), "diverged_at": run.diverged_at,
+                       "final_val_loss": final_val_loss(run)}
+    largest = {}
+    for row in found.values():
+        arm = clip_label(row["clip"])
+        stable = row["diverged_at"] is None
+        largest[arm] = max(largest.get(arm) or 0.0, row["lr"]) if stable else largest.get(arm)
+    return record(settings.open_budget, found, largest_stable_lr=largest)
+
+
+def open_graded(settings: ClipLabSettings, design) -> dict:
+    """The design as the grader runs it (the built-in corpus, the CPU, seed 0, no progress bars): its record."""
+    from reglab.data import corpus_task
+    text, task = corpus_task("builtin", settings.block_size, settings.batch_size, device="cpu")
+    return open_record(settings, design(settings), open_experiment(settings, task, text.vocab_size, design,
+                                                                   progress=False))
 
 
 def summarize(results: dict[str, list[Run]]) -> dict[str, dict]:

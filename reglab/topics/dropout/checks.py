@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reglab.checks import Check, CheckFailed, Shortcut, add, refuse
+from reglab.experiments import open_check
 
 Z = 5.0   # standard errors: a two-sided normal tail of 5.7e-7 per comparison
 
@@ -432,54 +433,8 @@ refuse("dropout", "keep_fraction scaling eval_identity backward_mask moments fre
 # The open experiment: a design the student chose, run within the budget (no fixed answer)
 # ---------------------------------------------------------------------------------------------------
 
-OPEN_BUDGET = "ci"    # the probe runs the design at this budget's settings, as the grader runs the lab
-
-
-def probe_open_experiment(design) -> dict:
-    """Ask the design for its runs at the ci settings and, if the budget allows them, train them (one seed,
-    the built-in corpus, the lab's sweep); return each run's p, steps, steps trained and best val loss."""
-    from reglab.budget import Session
-    from reglab.topics.dropout.lab import design_problems, settings_for, open_experiment, open_record, small_data_task
-    settings = settings_for(OPEN_BUDGET)
-    runs = design(settings)
-    if not isinstance(runs, dict):
-        return {"design": repr(runs)[:200]}
-    described = {str(name): list(run) if isinstance(run, (tuple, list)) else repr(run)[:80]
-                 for name, run in runs.items()}
-    if design_problems(runs, settings.open_budget):
-        return {"design": described}
-    with torch.random.fork_rng(devices=[]):
-        session = Session(budget=OPEN_BUDGET, device=torch.device("cpu"), seed=0)
-        text, task = small_data_task(settings, "builtin", session)
-        results = open_experiment(settings, text, task, session, design, progress=False)
-    return {"design": described, "record": open_record(settings, runs, results)}
-
-
-def judge_open_experiment(data: dict) -> None:
-    from reglab.topics.dropout.lab import design_problems, settings_for
-    budget = settings_for(OPEN_BUDGET).open_budget          # the grader's budget, not the probe's word for it
-    design = data["design"]
-    if not isinstance(design, dict):
-        raise CheckFailed(f"open_design(settings) must return a dict {{label: (p, steps)}}; it returned {design}")
-    runs = {name: tuple(run) if isinstance(run, list) else run for name, run in design.items()}
-    problems = design_problems(runs, budget)
-    if problems:
-        raise CheckFailed("the open experiment's design is refused: " + "; ".join(problems))
-    record = data.get("record")
-    if not isinstance(record, dict) or set(record.get("runs", {})) != set(runs):
-        raise CheckFailed("the design was not run: the probe found no result for each of its runs")
-    for name, found in record["runs"].items():
-        if found["steps_trained"] != runs[name][1]:
-            raise CheckFailed(f"run {name!r} trained {found['steps_trained']} steps, its design says {runs[name][1]}")
-        if not (isinstance(found["best_val_loss"], float) and math.isfinite(found["best_val_loss"])):
-            raise CheckFailed(f"run {name!r} reached no finite val loss ({found['best_val_loss']!r})")
-    spent = sum(found["steps_trained"] for found in record["runs"].values())
-    if spent > budget:
-        raise CheckFailed(f"the runs trained {spent} optimizer steps, over the budget of {budget}")
-
-
-add(Check("dropout.open_experiment", 1, probe_open_experiment, judge_open_experiment,
-          "your open experiment's design runs within its budget of optimizer steps (what it finds is yours)"))
+OPEN = add(open_check("dropout"))     # reglab.experiments: the design ran within its budget (what it found is yours)
+probe_open_experiment, judge_open_experiment = OPEN.probe, OPEN.judge
 
 
 from reglab.topics.dropout import block_checks  # noqa: E402,F401  (registers the block's checks, "dropout.block_*")

@@ -16,6 +16,7 @@ import numpy as np
 
 from reglab.budget import by_budget
 from reglab.data import corpus_task
+from reglab.experiments import Design, record
 from reglab.model import DROPOUT_SITES, GPTConfig
 from reglab.plots import colors_for, plot_highlighted
 from reglab.topics.dropout.recall import recall_metrics, recall_task
@@ -327,29 +328,13 @@ def effect_sentence(effect: dict, last_step: int | None = None) -> str:
 # The open experiment: the student's design, run with the lab's sweep within a budget of optimizer steps
 # ---------------------------------------------------------------------------------------------------
 
-def design_problems(runs, budget_steps: int) -> list[str]:
-    """What is wrong with a design {label: (p, steps)} for a budget of budget_steps optimizer steps in all
-    (summed over its runs, one seed each); [] when nothing is."""
-    if not isinstance(runs, dict) or not runs:
-        return [f"a design is a non-empty dict {{label: (p, steps)}}, got {type(runs).__name__} {runs!r:.80}"]
-    problems = []
-    if len(runs) < 2:
-        problems.append(f"an experiment compares: the design has {len(runs)} run, it needs at least 2")
-    total = 0
-    for name, run in runs.items():
-        if not (isinstance(run, (tuple, list)) and len(run) == 2):
-            problems.append(f"run {name!r} must be (p, steps), got {run!r:.80}")
-            continue
-        p, steps = run
-        if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
-            problems.append(f"run {name!r}: p must be in [0, 1), got {p!r}")
-        if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
-            problems.append(f"run {name!r}: steps must be a positive integer, got {steps!r}")
-        else:
-            total += steps
-    if total > budget_steps:
-        problems.append(f"the design spends {total} optimizer steps, over the budget of {budget_steps}")
-    return problems
+def p_problems(p) -> list[str]:
+    """What is wrong with a run's dropout p; [] when nothing is."""
+    return [] if isinstance(p, (int, float)) and not isinstance(p, bool) and 0.0 <= p < 1.0 else [
+        f"p must be in [0, 1), got {p!r}"]
+
+
+OPEN_DESIGN = Design(knobs=("p",), knob_problems=p_problems, finite_keys=("best_val_loss",))
 
 
 def open_experiment(settings: LabSettings, text, task, session, design, progress: bool = True) -> dict:
@@ -358,13 +343,19 @@ def open_experiment(settings: LabSettings, text, task, session, design, progress
 
     Refuses a design that spends more than settings.open_budget optimizer steps in all. Returns
     {label: [History]} like the other runners."""
-    runs = design(settings)
-    problems = design_problems(runs, settings.open_budget)
-    if problems:
-        raise ValueError("the open experiment's design is refused: " + "; ".join(problems))
+    runs = OPEN_DESIGN.planned(design, settings)
     configs = {name: (settings.gpt(text.vocab_size, float(p)), settings.train_config(steps))
                for name, (p, steps) in runs.items()}
     return histories(sweep(configs, task, seeds=[session.seed], progress=progress, workers=settings.workers))
+
+
+def open_graded(settings: LabSettings, design) -> dict:
+    """The design as the grader runs it (one seed, the built-in corpus, the CPU, no progress bars): its record."""
+    import torch
+    from reglab.budget import Session
+    session = Session(budget="ci", device=torch.device("cpu"), seed=0)
+    text, task = small_data_task(settings, "builtin", session)
+    return open_record(settings, design(settings), open_experiment(settings, text, task, session, design, progress=False))
 
 
 def open_record(settings: LabSettings, runs: dict, results: dict) -> dict:
@@ -374,5 +365,4 @@ def open_record(settings: LabSettings, runs: dict, results: dict) -> dict:
                     "best_val_loss": results[name][0].best("val_loss")[1],
                     "best_step": results[name][0].best("val_loss")[0]}
              for name, (p, steps) in runs.items()}
-    return {"budget_steps": settings.open_budget, "steps_spent": sum(run["steps_trained"] for run in found.values()),
-            "runs": found, "lowest": min(found, key=lambda name: found[name]["best_val_loss"])}
+    return record(settings.open_budget, found, lowest=min(found, key=lambda name: found[name]["best_val_loss"]))

@@ -3,7 +3,9 @@
 The answer key is PyTorch's `F.cross_entropy(logits, target, label_smoothing=alpha, ignore_index=...,
 reduction=...)`. Each probe builds its own inputs from a fixed seed (`_cases`) and returns only the
 student's outputs; each judge rebuilds the same inputs, recomputes the answer, and when the outputs
-differ compares them with the classic mistakes below to name the misconception.
+differ compares them with the classic mistakes below to name the misconception. The open experiment's check
+("label_smoothing.open_experiment", from reglab.experiments) only confirms that the student's
+open_design(settings) ran within its budget of optimizer steps: what it finds has no fixed answer.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from reglab.checks import Check, CheckFailed, Shortcut, add, refuse
+from reglab.experiments import open_check
 
 LAB = "label_smoothing"
 RTOL, ATOL = 1e-5, 1e-6       # float32 arithmetic inside the student's function passes; every mistake below misses by far more
@@ -354,3 +357,11 @@ refuse(LAB, "matches_cross_entropy reductions ignore_index class_dim alpha_range
        Shortcut("torch.nn.functional.cross_entropy", "F.cross_entropy(label_smoothing=...) (or nn.CrossEntropyLoss "
                 "with it) is the checks' answer key", only_if=_smoothing_asked),
        Shortcut("reglab.topics.label_smoothing.lecture.label_smoothed_cross_entropy", "it is the course's own reference"))
+
+
+# --------------------------------------------------------------------------------------------------
+# The open experiment: a design the student chose, run within the budget (no fixed answer); not refused
+# above, since the trainer's smoothed loss is F.cross_entropy's
+# --------------------------------------------------------------------------------------------------
+
+OPEN = add(open_check(LAB))    # reglab.experiments: the design ran within its budget (what it found is yours)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from reglab.budget import by_budget
 from reglab.data import ClassificationTask
+from reglab.experiments import Design, record
 from reglab.model import GPTConfig
 from reglab.plots import colors_for
 from reglab.topics.label_smoothing.lecture import (BagOfTokens, expected_calibration_error, fit_temperature, logit_gap,
@@ -61,20 +62,29 @@ class LabSettings:
     eval_every: int = 50
     seeds: int = 2               # seeds seed, seed + 1, ...: model init and batch order
     n_bins: int = 15             # ECE bins (Guo et al. 2017, §5)
+    # --- the open experiment: one seed of four alphas at the sweep's steps (half the sweep's cost at 2 seeds) ---
+    open_budget: int = 1600      # optimizer steps the open experiment's runs may spend in all
+
+    @property
+    def accuracy_tolerance(self) -> float:
+        """How far below alpha = 0's test accuracy a run may fall and still count as unchanged: two binomial
+        standard errors of a test accuracy at their largest (p = 1/2), 2 sqrt(0.25 / n_test) = 1 / sqrt(n_test)."""
+        return 1.0 / math.sqrt(self.n_test)
 
 
 SETTINGS = {
     # seconds on one thread: real code paths, numbers too small to show the effect
     "ci": LabSettings(n_train=256, n_val=256, n_test=512, n_layer=1, n_head=2, n_embd=32, steps=60,
-                      batch_size=64, warmup_steps=10, eval_every=30, lr=3e-3, seeds=1, n_bins=10),
-    # minutes on 2 cores: 4 alphas x 2 seeds x 400 steps (about 15 s per run on one free core)
+                      batch_size=64, warmup_steps=10, eval_every=30, lr=3e-3, seeds=1, n_bins=10, open_budget=240),
+    # minutes on 2 cores: 4 alphas x 2 seeds x 400 steps (about 15 s per run on one free core); the open
+    # experiment's 1600 steps are 4 more such runs
     "cpu": LabSettings(),
     # one H100, aimed at under 2 minutes (its time not yet measured on a GPU): twice the data, a wider
     # model, bigger held-out splits, 3 seeds; 4 alphas x 3 seeds x 1000 steps of 128 (125 epochs). Run on a
     # CPU instead (fp32, 36 min on one thread): test ECE 0.208 / 0.062 / 0.080 / 0.128 for the 4 alphas,
     # alpha = 0.1 below alpha = 0 in all 3 seeds
     "gpu": LabSettings(n_train=1024, n_val=4096, n_test=8192, n_embd=128, steps=1000, batch_size=128,
-                       warmup_steps=50, eval_every=100, seeds=3),
+                       warmup_steps=50, eval_every=100, seeds=3, open_budget=4000),
 }
 
 ALPHAS = (0.0, 0.05, 0.1, 0.2)   # the lab's sweep; 0.1 is Vaswani et al. 2017 (§5.4) and Szegedy et al. 2016 (§7)
@@ -90,10 +100,13 @@ def model_config(settings: LabSettings) -> GPTConfig:
                      n_head=settings.n_head, n_embd=settings.n_embd, n_classes=settings.n_classes, pool="mean")
 
 
-def train_config(settings: LabSettings, alpha: float, seed: int, progress: bool = False) -> TrainConfig:
-    return TrainConfig(steps=settings.steps, lr=settings.lr, warmup_steps=settings.warmup_steps,
-                       weight_decay=settings.weight_decay, label_smoothing=alpha, eval_every=settings.eval_every,
-                       seed=seed, progress=progress)
+def train_config(settings: LabSettings, alpha: float, seed: int, progress: bool = False,
+                 steps: int | None = None) -> TrainConfig:
+    """The sweep's training at smoothing alpha; steps defaults to settings.steps (the warmup is cut to fit)."""
+    steps = steps or settings.steps
+    return TrainConfig(steps=steps, lr=settings.lr, warmup_steps=min(settings.warmup_steps, steps),
+                       weight_decay=settings.weight_decay, label_smoothing=alpha,
+                       eval_every=min(settings.eval_every, steps), seed=seed, progress=progress)
 
 
 @torch.no_grad()
@@ -142,8 +155,13 @@ def run_alpha_sweep(settings: LabSettings, alphas=ALPHAS, seed: int = 0, device=
 
     runs = {alpha: (model_config(settings), train_config(settings, alpha, seed, progress)) for alpha in alphas}
     results = sweep(runs, task, seeds=range(seed, seed + settings.seeds), on_eval=on_eval, progress=progress,
-                    after=lambda model: {split: predict(model, task, split) for split in ("train", "val", "test")})
+                    after=final_outputs(task))
     return AlphaSweep(settings, results, bayes)
+
+
+def final_outputs(task: ClassificationTask):
+    """A sweep's after(model): every split's final (logits, labels), what run_metrics reads."""
+    return lambda model: {split: predict(model, task, split) for split in ("train", "val", "test")}
 
 
 def run_metrics(run: Run, n_bins: int) -> dict[str, float]:
@@ -196,6 +214,59 @@ def result_record(sweep: AlphaSweep, table: dict[float, dict]) -> dict:
                                       "test_nll": base["ts_nll"]},
         "bayes_optimal_test": sweep.bayes,
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# The open experiment: the alpha with the lowest test ECE at unchanged accuracy, within a step budget
+# --------------------------------------------------------------------------------------------------
+
+def alpha_problems(alpha) -> list[str]:
+    """What is wrong with a run's alpha; [] when nothing is."""
+    return [] if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0.0 <= alpha < 1.0 else [
+        f"alpha must be in [0, 1), got {alpha!r}"]
+
+
+def has_reference(runs: dict) -> list[str]:
+    """The rule compares accuracy with alpha = 0's: a design needs an alpha = 0 run."""
+    return [] if any(alpha == 0 for alpha, _ in runs.values()) else [
+        "the design needs an alpha = 0 run: the accuracy the rule compares with"]
+
+
+OPEN_DESIGN = Design(knobs=("alpha",), knob_problems=alpha_problems, design_rules=has_reference,
+                     finite_keys=("ece", "acc"))
+
+
+def open_experiment(settings: LabSettings, design, seed: int = 0, device="cpu", progress: bool = False) -> dict[str, list[Run]]:
+    """Run the student's design (a function of the settings returning {label: (alpha, steps)}) on the lab's task
+    with the lab's sweep, one seed (seed) per run; each Run keeps every split's final logits.
+
+    Refuses a design that spends more than settings.open_budget optimizer steps in all, before training."""
+    runs = OPEN_DESIGN.planned(design, settings)
+    task, _ = calibration_task(settings, seed=seed, device=device)
+    configs = {name: (model_config(settings), train_config(settings, float(alpha), seed, progress, steps))
+               for name, (alpha, steps) in runs.items()}
+    return sweep(configs, task, seeds=(seed,), progress=progress, after=final_outputs(task))
+
+
+def open_record(settings: LabSettings, runs: dict, results: dict[str, list[Run]]) -> dict:
+    """Each run's alpha, steps, test ECE and accuracy; the reference accuracy (the best alpha = 0 run's), the
+    tolerance, and the run with the lowest ECE among those within the tolerance of it (the rule's pick)."""
+    found = {}
+    for name, (alpha, steps) in runs.items():
+        run = results[name][0]
+        metrics = run_metrics(run, settings.n_bins)
+        found[name] = {"alpha": float(alpha), "steps": steps, "steps_trained": len(run.history.loss),
+                       "ece": metrics["ece"], "acc": metrics["acc"], "nll": metrics["nll"]}
+    reference = max(row["acc"] for row in found.values() if row["alpha"] == 0)
+    tolerance = settings.accuracy_tolerance
+    unchanged = [name for name, row in found.items() if row["acc"] >= reference - tolerance]
+    return record(settings.open_budget, found, reference_acc=reference, accuracy_tolerance=tolerance,
+                  unchanged_accuracy=unchanged, lowest_ece=min(unchanged, key=lambda name: found[name]["ece"]))
+
+
+def open_graded(settings: LabSettings, design) -> dict:
+    """The design as the grader runs it (the CPU, seed 0, no progress bars): its record."""
+    return open_record(settings, design(settings), open_experiment(settings, design))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ steps * k * 2**-24 * (|theta| + lr * |update|) with k a small constant: for 120 
 Measured (tests/test_weight_decay.py): PyTorch's for-loop, foreach and fused implementations and a
 float64 run all stay within 3% of that allowance, while the subtlest mistake named here (decaying
 after the Adam step instead of before) exceeds it 13-fold and every other one at least 19-fold.
+
+The open experiment's check ("weight_decay.open_experiment", from reglab.experiments) only confirms that the
+student's open_design(settings) ran within its budget of optimizer steps: what it finds has no fixed answer.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import math
 import torch
 
 from reglab.checks import Check, CheckFailed, Shortcut, add, refuse
+from reglab.experiments import open_check
 from reglab.model import GPTConfig
 
 STEPS = 120                                    # >= 100 steps, as the lab promises
@@ -410,3 +414,11 @@ refuse("weight_decay", "adamw adam_l2 adamw_other_settings adam_l2_other_setting
        Shortcut("torch.optim.Adam", "it is PyTorch's own optimizer, the checks' answer key"),
        Shortcut("torch.optim.adam.adam", "it is the functional form of torch.optim.Adam"),
        Shortcut("torch.optim.adamw.adamw", "it is the functional form of torch.optim.AdamW"))
+
+
+# --------------------------------------------------------------------------------------------------
+# The open experiment: a design the student chose, run within the budget (no fixed answer); not refused
+# above, since the sweep trains with torch.optim.AdamW
+# --------------------------------------------------------------------------------------------------
+
+OPEN = add(open_check("weight_decay"))    # reglab.experiments: the design ran within its budget (what it found is yours)

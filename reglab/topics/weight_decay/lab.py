@@ -5,12 +5,13 @@ the step at which test accuracy passes 99%, and the lab's plots.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from reglab.budget import by_budget
 from reglab.data import modular_addition
+from reglab.experiments import Design, record
 from reglab.model import GPTConfig
 from reglab.plots import colors_for, plot_highlighted
 from reglab.train import History, TrainConfig, histories, sweep
@@ -32,19 +33,26 @@ class GrokkingSettings:
     weight_decays: tuple         # the AdamW sweep
     l2_weight_decays: tuple      # Adam + L2: the same lambda as AdamW's strongest, and one matched to its decay
     stop_after: int              # evaluations in a row with test accuracy >= 99% before a run stops
+    open_budget: int             # optimizer steps the open experiment's runs may spend in all (one seed each)
 
 
+# The open experiment's budget: two of the sweep's full-length runs (ci: three), to share out as the student
+# likes; a run that groks stops early, as in the sweep, but the budget counts the steps a design plans. At
+# the cpu size that is 40% of the sweep's 15,000 steps at most (counted in steps, not timed), and room for
+# three runs of 2,000 steps, past the 1,000-1,700 steps lambda = 1 took to grok.
 SETTINGS = {
     # seconds on one CPU thread: real code paths, no effect promised
     "ci": GrokkingSettings(modulus=11, train_fraction=0.5, n_embd=16, n_head=2, mlp_ratio=4, lr=3e-3,
                            betas=(0.9, 0.98), max_steps=30, warmup_steps=5, eval_every=10, seeds=(0,),
-                           weight_decays=(0.0, 0.1, 1.0), l2_weight_decays=(1.0, 0.01), stop_after=3),
+                           weight_decays=(0.0, 0.1, 1.0), l2_weight_decays=(1.0, 0.01), stop_after=3,
+                           open_budget=90),
     # minutes on 2 cores: p = 31 and d = 64 at a higher lr. Measured (seed 0): lambda = 1 passed 99% test
     # accuracy at step 1,000 on two torch threads (1,700 on one), lambda = 0 and 0.1 stayed at 42% for
     # 3,000 steps (seed 1 grokked at 850)
     "cpu": GrokkingSettings(modulus=31, train_fraction=0.5, n_embd=64, n_head=4, mlp_ratio=4, lr=3e-3,
                             betas=(0.9, 0.98), max_steps=3000, warmup_steps=10, eval_every=50, seeds=(0,),
-                            weight_decays=(0.0, 0.1, 1.0), l2_weight_decays=(1.0, 0.01), stop_after=4),
+                            weight_decays=(0.0, 0.1, 1.0), l2_weight_decays=(1.0, 0.01), stop_after=4,
+                            open_budget=6000),
     # one GPU: the `cpu` task with three seeds. Nanda et al.'s setting (p = 113, d = 128, 4 heads, MLP 512,
     # half the pairs, full batch, lr 1e-3, betas (0.9, 0.98)) does NOT grok with the course model
     # (pre-LayerNorm, GPT-2 initialization): run on a CPU, lambda = 0 passed 99% test accuracy at step 200
@@ -52,7 +60,8 @@ SETTINGS = {
     # yet measured: 5 settings x 3 seeds x at most 3,000 full-batch steps of a tiny model.
     "gpu": GrokkingSettings(modulus=31, train_fraction=0.5, n_embd=64, n_head=4, mlp_ratio=4, lr=3e-3,
                             betas=(0.9, 0.98), max_steps=3000, warmup_steps=10, eval_every=50, seeds=(0, 1, 2),
-                            weight_decays=(0.0, 0.1, 1.0), l2_weight_decays=(1.0, 0.01), stop_after=4),
+                            weight_decays=(0.0, 0.1, 1.0), l2_weight_decays=(1.0, 0.01), stop_after=4,
+                            open_budget=6000),
 }
 
 
@@ -78,12 +87,20 @@ def grokking_runs(settings: GrokkingSettings) -> dict[str, tuple[GPTConfig, Trai
     Full batch, constant lr after warmup, no clipping: the reference setup's optimizer.
     """
     model = grokking_model(settings)
-    base = TrainConfig(steps=settings.max_steps, lr=settings.lr, warmup_steps=settings.warmup_steps,
-                       schedule="constant", betas=settings.betas, grad_clip=None, eval_every=settings.eval_every)
-    runs = {grokking_label(wd): (model, replace(base, weight_decay=wd)) for wd in settings.weight_decays}
+    runs = {grokking_label(wd): (model, grokking_config(settings, wd)) for wd in settings.weight_decays}
     for wd in settings.l2_weight_decays:
-        runs[grokking_label(wd, "adam_l2")] = (model, replace(base, weight_decay=wd, optimizer="adam_l2"))
+        runs[grokking_label(wd, "adam_l2")] = (model, grokking_config(settings, wd, "adam_l2"))
     return runs
+
+
+def grokking_config(settings: GrokkingSettings, weight_decay: float, optimizer: str = "adamw",
+                    lr: float | None = None, steps: int | None = None) -> TrainConfig:
+    """Full batch, constant lr after warmup, no clipping: the reference setup's optimizer. lr and steps
+    default to the sweep's (settings.lr, settings.max_steps)."""
+    steps = steps or settings.max_steps
+    return TrainConfig(steps=steps, lr=lr or settings.lr, warmup_steps=min(settings.warmup_steps, steps),
+                       schedule="constant", betas=settings.betas, grad_clip=None, weight_decay=weight_decay,
+                       optimizer=optimizer, eval_every=min(settings.eval_every, steps))
 
 
 def matrix_norm(model: torch.nn.Module) -> dict[str, float]:
@@ -141,6 +158,55 @@ def grokking_summary(results: dict[str, list[History]], settings: GrokkingSettin
             "wall_s": [h.wall_time for h in histories],
         }
     return summary
+
+
+# ------------------------------------------------------------------ the open experiment: the fastest grokking
+def decay_lr_problems(weight_decay, lr) -> list[str]:
+    """What is wrong with a run's (weight_decay, lr); [] when nothing is."""
+    problems = []
+    if not (isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool) and weight_decay >= 0):
+        problems.append(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
+        problems.append(f"lr must be a positive number, got {lr!r}")
+    return problems
+
+
+# a run stops early once its test accuracy has held >= 99%, as in the sweep
+OPEN_DESIGN = Design(knobs=("weight_decay", "lr"), knob_problems=decay_lr_problems, finite_keys=("final_test_acc",),
+                     may_stop_early=True)
+
+
+def open_experiment(settings: GrokkingSettings, design, device="cpu", seed: int = 0,
+                    progress: bool = True) -> dict[str, list[History]]:
+    """Run the student's design (a function of the settings returning {label: (weight_decay, lr, steps)}): AdamW
+    on the lab's task (split and init from seed), one seed each, each run stopping once it has grokked.
+
+    Refuses a design that spends more than settings.open_budget optimizer steps in all, before training."""
+    runs = OPEN_DESIGN.planned(design, settings)
+    task = modular_addition(settings.modulus, settings.train_fraction, seed=seed, device=device)
+    configs = {name: (grokking_model(settings), grokking_config(settings, float(wd), lr=float(lr), steps=steps))
+               for name, (wd, lr, steps) in runs.items()}
+    return histories(sweep(configs, task, seeds=(seed,), on_eval=matrix_norm, progress=progress,
+                           stop_when=held_above("val_acc", 0.99, settings.stop_after)))
+
+
+def open_record(settings: GrokkingSettings, runs: dict, results: dict[str, list[History]]) -> dict:
+    """Each run's weight_decay, lr, steps, the step it passed 99% test accuracy (None: not within its steps)
+    and final test accuracy; and the run that got there first (None if none did)."""
+    found = {}
+    for name, (wd, lr, steps) in runs.items():
+        history = results[name][0]
+        found[name] = {"weight_decay": float(wd), "lr": float(lr), "steps": steps,
+                       "steps_trained": len(history.loss), "grok_step": grok_step(history),
+                       "final_test_acc": history.final["val_acc"]}
+    grokked = [name for name, row in found.items() if row["grok_step"] is not None]
+    return record(settings.open_budget, found, fastest=min(grokked, key=lambda name: found[name]["grok_step"])
+                  if grokked else None)
+
+
+def open_graded(settings: GrokkingSettings, design) -> dict:
+    """The design as the grader runs it (the CPU, seed 0, no progress bars): its record."""
+    return open_record(settings, design(settings), open_experiment(settings, design, progress=False))
 
 
 def _plot_runs(axes, results, colors, highlight=None):
