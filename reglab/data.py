@@ -182,18 +182,38 @@ class ClassificationTask:
 
 def corpus_task(corpus: str | Path = BUILTIN, block_size: int = 64, batch_size: int = 32,
                 max_train_chars: int | None = None, single_pass: bool = False, eval_batches: int = 8,
-                seed: int = 0, device="cpu") -> tuple[Corpus, LMTask]:
+                seed: int = 0, device="cpu", spread: bool = False) -> tuple[Corpus, LMTask]:
     """The character-level language-modelling task on a corpus (the labs' default).
 
-    max_train_chars keeps only the first part of the train split: the small-data regime.
+    max_train_chars keeps only part of the train split: the small-data regime.
     eval_batches: how many fixed batches each split is evaluated on.
+    spread=False: the first 90% of the text trains, the last 10% validates, and max_train_chars keeps the
+    beginning of the train split. spread=True: every tenth chunk of SPREAD_CHUNK characters validates
+    (`interleaved_split`) and max_train_chars is made of evenly spaced chunks of the rest (`spread_sample`),
+    so both come from all over the text. A small sample cut from the beginning is about whatever the text
+    starts with (one module's docs, say) and its val split about whatever it ends with, so the val loss
+    then measures a change of topic as much as what the model learned.
     """
     text = load_corpus(corpus)
-    train, val = split_tokens(text.encode(text.text))
+    tokens = text.encode(text.text)
+    train, val = interleaved_split(tokens, SPREAD_CHUNK) if spread else split_tokens(tokens)
     if max_train_chars is not None:
-        train = train[:max_train_chars]
+        train = spread_sample(train, max_train_chars) if spread else train[:max_train_chars]
     return text, LMTask(train, val, block_size, batch_size, single_pass=single_pass, eval_batches=eval_batches,
                         seed=seed, device=device)
+
+
+SPREAD_CHUNK = 1000      # characters: a paragraph or so, so few windows straddle two chunks
+
+
+def spread_sample(tokens: torch.Tensor, n: int, chunk: int = SPREAD_CHUNK) -> torch.Tensor:
+    """n tokens made of chunks of `chunk` at evenly spaced places from the start of `tokens` to its end
+    (all of them if n >= len)."""
+    pieces = [piece for piece in torch.split(tokens, chunk) if len(piece) == chunk]   # whole chunks: n exactly
+    if math.ceil(n / chunk) >= len(pieces):
+        return tokens[:n]                                  # nearly all of it: no room to spread
+    kept = torch.linspace(0, len(pieces) - 1, math.ceil(n / chunk)).round().long().tolist()   # first to last
+    return torch.cat([pieces[i] for i in kept])[:n]
 
 
 def modular_addition(modulus: int = 97, train_fraction: float = 0.5, seed: int = 0,

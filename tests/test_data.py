@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from reglab.data import (LMTask, builtin_text, corpus_task, interleaved_split, load_corpus, modular_addition,
-                         split_tokens)
+                         split_tokens, spread_sample)
 
 
 def test_builtin_corpus_is_python_help_text_and_round_trips():
@@ -97,3 +97,18 @@ def test_interleaved_split_holds_out_every_tenth_chunk_and_loses_nothing():
     assert len(train) + len(val) == 1000 and len(val) == 100
     assert set(train.tolist()).isdisjoint(val.tolist())
     assert val[:10].tolist() == list(range(50, 60))          # the middle chunk of the first group
+
+
+def test_a_spread_sample_takes_evenly_spaced_chunks_and_validates_on_text_from_everywhere():
+    tokens = torch.arange(100_500)
+    sample = spread_sample(tokens, 10_000, chunk=1000)
+    assert len(sample) == 10_000 and torch.equal(sample[:1000], tokens[:1000])
+    starts = sample[::1000].tolist()                   # 10 chunks spaced from the first to the last
+    assert starts[0] == 0 and starts[-1] == 99_000 and len(set(b - a for a, b in zip(starts, starts[1:]))) <= 2
+    assert torch.equal(spread_sample(tokens, 200_000), tokens)
+    corpus, task = corpus_task(block_size=16, batch_size=2, max_train_chars=5000, spread=True)
+    train_split, val_split = interleaved_split(corpus.encode(corpus.text), 1000)
+    assert torch.equal(task.streams["train"], spread_sample(train_split, 5000))
+    assert torch.equal(task.streams["val"], val_split)
+    last_whole = len(train_split) // 1000 * 1000
+    assert torch.equal(task.streams["train"][-1000:], train_split[last_whole - 1000:last_whole])   # the end trains too
