@@ -36,6 +36,9 @@ class GPTConfig:
     mlp: str = "gelu"            # "gelu" (GPT-2) or "swiglu" (Llama, PaLM)
     bias: bool = True            # biases in Linear layers; Llama and PaLM drop them
     use_sdpa: bool = True        # fused scaled_dot_product_attention; False spells attention out
+    # qk-layernorm: normalize q and k per head before q.k, which bounds the attention logits (Dehghani et al.
+    # 2023, ViT-22B; Wortsman et al. 2023 §3.1: it removes attention-logit growth at high learning rates)
+    qk_norm: bool = False
     n_classes: int | None = None # None: language model; an int: classifier head with that many classes
     pool: str = "last"           # classifier input: the "last" position or the "mean" over positions
 
@@ -75,10 +78,12 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def make_norm(config: GPTConfig) -> nn.Module:
+def make_norm(config: GPTConfig, dim: int | None = None) -> nn.Module:
+    """The config's norm over the last dimension, of width dim (n_embd unless given: qk-norm uses head_size)."""
+    dim = config.n_embd if dim is None else dim
     if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
+        return RMSNorm(dim)
+    return nn.LayerNorm(dim, bias=config.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -91,6 +96,11 @@ class CausalSelfAttention(nn.Module):
         self.attn_p = config.attn_dropout            # a float: SDPA takes the probability, not a module
         self.attn_dropout = nn.Dropout(config.attn_dropout)  # the same site, spelled out
         self.resid_dropout = nn.Dropout(config.resid_dropout)
+        # qk-norm per head; Identity (no parameters, the same tensor back) when off. Both exist either way,
+        # so a forward hook on them sees the q and k that enter q.k (reglab.train.stability_stats).
+        head_size = config.n_embd // config.n_head
+        self.q_norm = make_norm(config, head_size) if config.qk_norm else nn.Identity()
+        self.k_norm = make_norm(config, head_size) if config.qk_norm else nn.Identity()
         mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
         self.register_buffer("causal_mask", mask.view(1, 1, config.block_size, config.block_size),
                              persistent=False)
@@ -100,6 +110,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # with qk-norm, |q.k| / sqrt(hs) <= ||g_q * q_hat|| ||g_k * k_hat|| / sqrt(hs), whatever W_q and W_k are
+        q, k = self.q_norm(q), self.k_norm(k)                                # (B, nh, T, hs)
         if self.use_sdpa:
             # dropout_p only while training: SDPA has no train/eval switch of its own, and code that
             # passes the probability unconditionally keeps dropping attention weights at eval time.

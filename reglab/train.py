@@ -3,7 +3,8 @@
 The loop: AdamW with decay/no-decay groups, warmup + cosine, clipping, evaluation. A step, in order:
 set lr -> forward -> loss -> backward -> clip (log the pre-clip norm) -> optimizer step.
 Per step the history keeps the loss, the pre-clip gradient norm and the learning rate; per evaluation
-the train and val loss and accuracy and the total weight norm. Per-step values stay on the device until
+the train and val loss and accuracy, the total weight norm and, for a language model, two stability
+numbers on one val batch (`stability_stats`: the largest attention logit and the mean log Z). Per-step values stay on the device until
 an evaluation, so a small model on a GPU is not slowed by a host sync every step. On CUDA the same step
 is replayed as one CUDA graph (`reglab.graphs`, which a first reading can skip).
 """
@@ -47,6 +48,8 @@ class TrainConfig:
     optimizer: str | Callable = "adamw"  # "adamw", "adam_l2" (Adam with wd added to the gradient), or a class
     grad_clip: float | None = 1.0    # global-norm threshold (GPT-3, Llama 2); None: log the norm, clip nothing
     label_smoothing: float = 0.0     # alpha of the training loss; evaluation always reports plain NLL
+    z_loss: float = 0.0              # weight of mean(log^2 Z) added to the training loss (PaLM, Chowdhery et al.
+                                     # 2022 §5, uses 1e-4); evaluation still reports plain NLL
     eval_every: int = 50             # steps between evaluations (the last step is always evaluated)
     seed: int = 0                    # batches and dropout masks; model init is seeded by new_model
     amp: bool = True                 # bf16 autocast on CUDA (ignored elsewhere)
@@ -72,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be None or positive, got {self.grad_clip}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not self.z_loss >= 0:
+            raise ValueError(f"z_loss must be >= 0, got {self.z_loss}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be at least 1, got {self.eval_every}")
         if isinstance(self.optimizer, str) and self.optimizer not in ("adamw", "adam_l2"):
@@ -169,10 +174,27 @@ def new_model(config: GPTConfig, seed: int = 0, device="cpu") -> GPT:
     return GPT(config).to(device)
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy over every prediction: (B, T, V) with (B, T), or (B, C) with (B,)."""
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+def log_partition(logits: torch.Tensor) -> torch.Tensor:
+    """log Z = logsumexp_i z_i of each prediction, in float32 (float64 stays float64): (..., V) -> (N,)."""
+    logits = logits.reshape(-1, logits.size(-1))
+    return torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+
+
+def z_loss_term(logits: torch.Tensor) -> torch.Tensor:
+    """mean over predictions of log^2 Z (PaLM §5). Its gradient is d/dz_i = 2 log Z softmax(z)_i / N:
+    it pulls log Z toward 0 and, since CE ignores a shift of all logits, is the only term that pins it."""
+    return log_partition(logits).pow(2).mean()
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
+            z_loss: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over every prediction: (B, T, V) with (B, T), or (B, C) with (B,);
+    plus z_loss * mean(log^2 Z) when z_loss > 0 (the training loss; evaluation calls it with 0)."""
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                            label_smoothing=label_smoothing)
+    if z_loss:
+        loss = loss + z_loss * z_loss_term(logits)
+    return loss
 
 
 def weight_norm(model: torch.nn.Module) -> float:
@@ -197,6 +219,47 @@ def evaluate(model: torch.nn.Module, task, split: str, amp: bool = True) -> dict
     return {f"{split}_loss": total_loss / count, f"{split}_acc": correct / count}
 
 
+@torch.no_grad()
+def attention_logits(model: GPT, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One eval-mode forward of x (B, T): each layer's pre-softmax logits q k^T / sqrt(hs), (B, nh, T, T) in
+    float32 with the future masked to -inf, and the model's output logits.
+
+    q and k are read as they leave q_norm / k_norm (forward hooks; Identity modules when qk_norm is off),
+    so the fused SDPA path needs no change.
+    """
+    captured: dict[nn.Module, torch.Tensor] = {}
+    attentions = [block.attn for block in model.blocks]
+    hooks = [norm.register_forward_hook(lambda module, inputs, output: captured.__setitem__(module, output))
+             for attn in attentions for norm in (attn.q_norm, attn.k_norm)]
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    T = x.size(1)
+    future = ~torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device))
+    per_layer = []
+    for attn in attentions:
+        q, k = captured[attn.q_norm].float(), captured[attn.k_norm].float()     # (B, nh, T, hs)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))                 # (B, nh, T, T)
+        per_layer.append(att.masked_fill(future, -math.inf))
+    return per_layer, logits
+
+
+def stability_stats(model: GPT, x: torch.Tensor) -> dict[str, float]:
+    """The two quantities Wortsman et al. 2023 watch diverge, on one batch x (B, T), in eval mode, float32:
+
+    "max_attn_logit": the largest pre-softmax attention logit q.k / sqrt(hs) over layers, heads and causal
+    positions (`attention_logits`); "log_z": the mean over predictions of log Z = logsumexp of the output logits.
+    """
+    per_layer, logits = attention_logits(model, x)
+    return {"max_attn_logit": max(float(att.max()) for att in per_layer),
+            "log_z": float(log_partition(logits).mean())}
+
+
 def _autocast(device: torch.device, amp: bool):
     # no weight-cast cache: a CUDA graph must recompute the casts on every replay
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda", cache_enabled=False)
@@ -206,7 +269,7 @@ def _step(forward, optimizer, params, x, y, config: TrainConfig, device):
     """forward -> loss -> backward -> clip (returns the pre-clip norm) -> optimizer step."""
     with _autocast(device, config.amp):
         logits = forward(x)
-    loss = loss_fn(logits, y, config.label_smoothing)
+    loss = loss_fn(logits, y, config.label_smoothing, config.z_loss)   # what is backpropagated (and logged)
     loss.backward()
     # total norm = sqrt(sum over tensors of ||g||^2); grads scaled by min(1, c / (norm + 1e-6)) when clipping
     norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip is not None else float("inf"))
@@ -307,6 +370,8 @@ def train(model: torch.nn.Module, task, config: TrainConfig,
             sync_and_check(step + 1)
             record = {"step": step + 1, **evaluate(forward, task, "train", config.amp),
                       **evaluate(forward, task, "val", config.amp), "weight_norm": weight_norm(model)}
+            if isinstance(model, GPT) and model.config.n_classes is None:    # a language model
+                record.update(stability_stats(model, next(iter(task.eval_batches("val")))[0]))
             if on_eval is not None:
                 record.update(on_eval(model))
             history.evals.append(record)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 VERDICTS = ("correct", "wrong", "unsupported")
 BASES = ("published", "measured by the course")
-TOPICS = ("dropout", "weight decay", "label smoothing", "gradient clipping", "fine-tuning")
+TOPICS = ("dropout", "weight decay", "label smoothing", "gradient clipping", "fine-tuning", "training stability")
 
 
 @dataclass(frozen=True)
@@ -298,6 +298,48 @@ CLAIMS: list[Claim] = [
           "spread depends on the budget: see the record's effects.)",
           "wrong", "the course's runs: 06 lab, record keys finetuning.*.forgetting",
           "06 lab: Fine-tuning", basis="measured by the course"),
+    # ------------------------------------------------------------------ training stability
+    Claim("palm-z-loss", "training stability",
+          "PaLM added a z-loss of 1e-4 * log^2 Z to keep the softmax normalizer near 1.",
+          "PaLM's training setup adds the auxiliary loss 10^-4 * log^2 Z, which encourages log Z to stay "
+          "close to 0 and which the authors found to increase the stability of training.",
+          "correct", "Chowdhery et al. 2022 (PaLM), §5 (training setup, loss function)", "05: z-loss",
+          cells=("notebooks/05_stability.ipynb#z-intro",)),
+    Claim("qk-layernorm-logit-growth", "training stability",
+          "qk-layernorm removes the attention-logit growth that destabilizes training at high learning rates.",
+          "Wortsman et al. reproduce attention-logit growth in small models at high learning rates and find "
+          "that with qk-layernorm it no longer occurs and the models train at learning rates where the plain "
+          "ones diverge; Dehghani et al. introduced it for ViT-22B. The course derives what it bounds: the "
+          "logit is at most (max|g_q| sqrt(h) + ||b_q||)(max|g_k| sqrt(h) + ||b_k||) / sqrt(h), which the "
+          "trained gains can still raise.",
+          "correct", "Wortsman et al. 2023 (arXiv 2309.14322), §3.1 (section number not verified here); "
+          "Dehghani et al. 2023 (ViT-22B), abstract", "05: Attention logits grow",
+          cells=("notebooks/05_stability.ipynb#qk-norm-intro",)),
+    Claim("z-loss-only-shifts-logits", "training stability",
+          "The z-loss only shifts all logits together, so it never changes the predicted probabilities.",
+          "Its gradient 2 log Z softmax(z) sums to 2 log Z but is proportional to the probabilities, not "
+          "uniform: a step of size s changes p by -2 s log Z p * (p - ||p||^2) to first order (flattening the "
+          "prediction when log Z > 0). Only for a uniform p is it a pure shift.",
+          "wrong", "the course's derivation and check against autograd (05, section 2)", "05: z-loss",
+          basis="measured by the course", cells=("notebooks/05_stability.ipynb#z-shift",)),
+    Claim("adamw-ema-timescale", "training stability",
+          "AdamW's weights are an exponential moving average of its recent updates, with a timescale of "
+          "1/(lr * weight decay) iterations.",
+          "Wang & Aitchison show that the weights AdamW learns are an EMA of recent updates and that its "
+          "timescale is the hyperparameter to hold (roughly constant in epochs as model and data grow); the "
+          "course unrolls torch.optim.AdamW's step theta <- (1 - lr wd) theta - lr u into that EMA and checks it.",
+          "correct", "Wang & Aitchison 2024 (arXiv 2405.13698), abstract; PyTorch docs, torch.optim.AdamW "
+          "(algorithm)", "05: AdamW's weights are a moving average",
+          cells=("notebooks/05_stability.ipynb#ema-intro",)),
+    Claim("equal-lr-wd-same-weights", "training stability",
+          "Two AdamW runs with the same product lr * weight decay end with the same weights.",
+          "Equal lr * wd gives the same EMA timescale and the same memory of the initialization, but the EMA "
+          "averages -u / wd, so the weights built from the updates scale with lr (||theta||^2 ~ n lr / (2 wd) "
+          "for unit random updates). Only for scale-invariant weights, with the initialization scaled along, do "
+          "the runs compute the same function, and then up to Adam's eps.",
+          "wrong", "the course's derivation and AdamW runs (05, section 3); Wang & Aitchison 2024, abstract",
+          "05: AdamW's weights are a moving average", basis="measured by the course",
+          cells=("notebooks/05_stability.ipynb#equal-product",)),
 ]
 
 

@@ -1,0 +1,1 @@
+"""The training-stability topic: its lecture helpers (and, alongside, its lab's experiments and checks)."""
