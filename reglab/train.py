@@ -4,9 +4,10 @@ The loop: AdamW with decay/no-decay groups, warmup + cosine, clipping, evaluatio
 set lr -> forward -> loss -> backward -> clip (log the pre-clip norm) -> optimizer step.
 Per step the history keeps the loss, the pre-clip gradient norm and the learning rate; per evaluation
 the train and val loss and accuracy, the total weight norm and, for a language model, two stability
-numbers on one val batch (`stability_stats`: the largest attention logit and the mean log Z). Per-step values stay on the device until
-an evaluation, so a small model on a GPU is not slowed by a host sync every step. On CUDA the same step
-is replayed as one CUDA graph (`reglab.graphs`, which a first reading can skip).
+numbers on one val batch (`stability_stats`: the largest attention logit and the mean log Z). Per-step
+values stay on the device until an evaluation, so a small model on a GPU is not slowed by a host sync
+every step. On CUDA the same step is replayed as one CUDA graph (`reglab.graphs`, which a first reading
+can skip).
 """
 from __future__ import annotations
 

@@ -313,7 +313,7 @@ CLAIMS: list[Claim] = [
           "logit is at most (max|g_q| sqrt(h) + ||b_q||)(max|g_k| sqrt(h) + ||b_k||) / sqrt(h), which the "
           "trained gains can still raise.",
           "correct", "Wortsman et al. 2023 (arXiv 2309.14322), §3.1 (section number not verified here); "
-          "Dehghani et al. 2023 (ViT-22B), abstract", "05: Attention logits grow",
+          "Dehghani et al. 2023 (ViT-22B), §2 (architecture; section number not verified here)", "05: Attention logits grow",
           cells=("notebooks/05_stability.ipynb#qk-norm-intro",)),
     Claim("z-loss-only-shifts-logits", "training stability",
           "The z-loss only shifts all logits together, so it never changes the predicted probabilities.",

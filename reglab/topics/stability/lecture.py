@@ -51,10 +51,11 @@ class LectureSettings:
 SETTINGS = {
     "ci": LectureSettings(n_layer=2, n_embd=64, n_head=4, block_size=32, batch_size=8, toy_dim=1000,
                           toy_steps=512, sign_dim=20000, retention_steps=200, demo_steps=40, demo_eval_every=5),
+    # the toys run on the CPU in float64 whatever the budget (paths of toy_steps x toy_dim are kept in memory)
     "cpu": LectureSettings(n_layer=2, n_embd=64, n_head=4, block_size=64, batch_size=16, toy_dim=4000,
-                           toy_steps=1024, sign_dim=100000, retention_steps=300, demo_steps=200, demo_eval_every=10),
-    "gpu": LectureSettings(n_layer=4, n_embd=256, n_head=8, block_size=128, batch_size=32, toy_dim=20000,
-                           toy_steps=2048, sign_dim=400000, retention_steps=1000, demo_steps=500, demo_eval_every=25),
+                           toy_steps=1024, sign_dim=50000, retention_steps=300, demo_steps=200, demo_eval_every=10),
+    "gpu": LectureSettings(n_layer=4, n_embd=256, n_head=8, block_size=128, batch_size=32, toy_dim=4000,
+                           toy_steps=1024, sign_dim=50000, retention_steps=1000, demo_steps=500, demo_eval_every=25),
 }
 
 # The toys' learning rate and decay: powers of two, so that lr * wd and the runs at (2 lr, wd / 2) share
