@@ -185,7 +185,8 @@ def detached_z(logits, coef):
 
 
 Z_MISTAKES = {
-    over_the_batch_axis: {"stability.z_loss": "the z-loss on the wrong axis", "stability.z_loss_grad": "gradient differs"},
+    over_the_batch_axis: {"stability.z_loss": "the z-loss on the wrong axis",
+                          "stability.z_loss_grad": "gradient differs"},
     over_every_logit: {"stability.z_loss": "the z-loss on the wrong axis", "stability.z_loss_grad": "gradient differs"},
     without_the_square: {"stability.z_loss": "forgot the square", "stability.z_loss_grad": "gradient differs"},
     square_of_the_mean: {"stability.z_loss": "squared the mean", "stability.z_loss_grad": "gradient differs"},
@@ -193,7 +194,8 @@ Z_MISTAKES = {
     without_coef: {"stability.z_loss": "ignored coef", "stability.z_loss_grad": "gradient differs"},
     on_the_logits: {"stability.z_loss": "penalized the logits themselves", "stability.z_loss_grad": "gradient differs"},
     naive_log_sum_exp: {"stability.z_loss": "overflows in float32"},
-    of_the_log_probs: {"stability.z_loss": "log Z of the log-probabilities", "stability.z_loss_grad": "gradient differs"},
+    of_the_log_probs: {"stability.z_loss": "log Z of the log-probabilities",
+                       "stability.z_loss_grad": "gradient differs"},
     detached_z: {"stability.z_loss_grad": "no gradient reached the logits"},
 }
 
@@ -229,7 +231,8 @@ def z_on_the_wrong_axis(logits, targets, coef):
 
 
 def smoothed(logits, targets, coef):
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), label_smoothing=0.1) + z_loss(logits, coef)
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), label_smoothing=0.1)
+    return ce + z_loss(logits, coef)
 
 
 LOSS_MISTAKES = {
@@ -321,8 +324,8 @@ def test_summarize_and_effects_read_the_verdicts_from_the_runs():
     results = {}
     for name, rows in finals.items():
         for lr, row in zip(lrs, rows):
-            results[name, lr] = [_fake_run(f, None if f is not None else 3, stats[name][0] + i, stats[name][1] + 0.01 * i)
-                                 for i, f in enumerate(row)]
+            results[name, lr] = [_fake_run(f, None if f is not None else 3, stats[name][0] + i,
+                                           stats[name][1] + 0.01 * i) for i, f in enumerate(row)]
     table = stability.summarize(results, settings, vocab_size=50)
     assert table[stability.BASELINE]["final_val_loss"][2] == [None, None]
     assert table[stability.BASELINE]["max_attn_logit"] is None        # diverged at the high lr: no final value
@@ -359,7 +362,8 @@ def test_a_design_within_the_budget_passes_and_its_largest_stable_lrs_are_record
     data = stability_checks.probe_open_experiment(two_by_two)
     assert check_message("stability.open_experiment", two_by_two) is None
     record = data["record"]
-    assert record["steps_spent"] <= record["budget_steps"] and set(record["largest_stable_lr"]) == {"qk-norm", "baseline"}
+    assert record["steps_spent"] <= record["budget_steps"]
+    assert set(record["largest_stable_lr"]) == {"qk-norm", "baseline"}
 
 
 def test_a_design_over_the_budget_or_of_one_kind_is_refused_with_a_message():
@@ -390,7 +394,8 @@ def test_probe_data_that_claims_fewer_steps_than_designed_fails():
 
 def test_the_stable_rule_takes_the_largest_lr_within_the_margin_of_the_best_of_its_kind():
     settings = stability.settings_for("ci")
-    runs = {"b1": (False, 0.01, 5), "b2": (False, 0.1, 5), "q1": (True, 0.01, 5), "q2": (True, 0.1, 5), "q3": (True, 1.0, 5)}
+    runs = {"b1": (False, 0.01, 5), "b2": (False, 0.1, 5), "q1": (True, 0.01, 5), "q2": (True, 0.1, 5),
+            "q3": (True, 1.0, 5)}
     results = {"b1": [_fake_run(2.0)], "b2": [_fake_run(2.3)], "q1": [_fake_run(2.0)], "q2": [_fake_run(2.05)],
                "q3": [_fake_run(None, diverged_at=2)]}
     found = stability.open_record(settings, runs, results)

@@ -1,4 +1,4 @@
-"""Checks of the training-stability lab: a student's qk-norm attention logits and z-loss against the model's own path and torch.logsumexp.
+"""Checks of the stability lab: a student's qk-norm logits and z-loss against the model's own path and torch.logsumexp.
 
 The student writes three functions:
 - `qk_norm_scores(q, k, q_norm, k_norm)`: the attention logits with qk-layernorm, q_norm(q) k_norm(k)^T / sqrt(hs),
@@ -42,7 +42,7 @@ def _encode(t: torch.Tensor) -> dict:
 
 
 def _decode(data, what: str) -> torch.Tensor:
-    if not isinstance(data, dict) or not isinstance(data.get("shape"), list) or not isinstance(data.get("values"), list):
+    if not (isinstance(data, dict) and isinstance(data.get("shape"), list) and isinstance(data.get("values"), list)):
         raise CheckFailed(f"malformed probe data for {what}")
     values = []
     for x in data["values"]:

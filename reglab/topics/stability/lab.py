@@ -1,4 +1,4 @@
-"""Topic training stability, lab: the course model's final loss against the learning rate, with and without qk-norm and z-loss.
+"""Topic training stability, lab: the final loss against the learning rate, with and without qk-norm and z-loss.
 
 Wortsman et al. 2023 ("Small-scale proxies for large-scale Transformer training instabilities") reproduce
 two instabilities of large runs in small models by raising the learning rate: attention logits that grow
@@ -282,7 +282,8 @@ def plot_stability_curves(runs: dict, colors: dict, title: str, highlight=None):
     """Max attention logit (log axis) and log Z against step, one line per seed, for {label: [Run per seed]}."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.6))
     for ax, key in ((left, "max_attn_logit"), (right, "log_z")):
-        curves = {label: [r.history.series(key) for r in per_seed if r.history.evals] for label, per_seed in runs.items()}
+        curves = {label: [r.history.series(key) for r in per_seed if r.history.evals]
+                  for label, per_seed in runs.items()}
         plot_highlighted(ax, curves, highlight, colors, "-", legend="{}")
     left.set_yscale("log")
     left.set(title="largest attention logit q.k / sqrt(hs)", xlabel="step", ylabel="max attention logit (log)")
@@ -331,7 +332,8 @@ def show_z_coef(coef: float, z_results: dict, colors: dict | None = None) -> dic
         raise ValueError(f"coefficient {coef:g} was not swept; the sweep has {list(z_results)}")
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.4))
     log_z = {labels[c]: [r.history.series("log_z") for r in runs] for c, runs in z_results.items()}
-    loss = {labels[c]: [(np.arange(len(r.history.loss)), r.history.loss) for r in runs] for c, runs in z_results.items()}
+    loss = {labels[c]: [(np.arange(len(r.history.loss)), r.history.loss) for r in runs]
+            for c, runs in z_results.items()}
     plot_highlighted(left, log_z, labels[coef], colors)
     plot_highlighted(right, loss, labels[coef], colors, lw=0.8)
     left.axhline(0.0, color="grey", ls=":", lw=1)
