@@ -43,10 +43,11 @@ def home_page(readme: str) -> str:
     toctrees = "\n".join(
         f"```{{toctree}}\n:caption: {caption}\n:maxdepth: 1\n:hidden:\n\n" + "\n".join(docs) + "\n```\n"
         for caption, docs in [
-            ("Lectures", [f"notebooks/{p.stem}" for p in sorted((ROOT / "notebooks").glob("0[1-5]_*.ipynb"))]),
+            ("Lectures", [f"notebooks/{p.stem}" for p in sorted((ROOT / "notebooks").glob("*.ipynb"))
+                          if "claims_ledger" not in p.name]),
             ("Labs", [f"labs/{p.stem}" for p in sorted((ROOT / "labs").glob("*.ipynb"))]),
             ("Claims ledger", [f"notebooks/{p.stem}" for p in sorted((ROOT / "notebooks").glob("*.ipynb"))
-                               if not re.match(r"0[1-5]_", p.name)]),
+                               if "claims_ledger" in p.name]),
         ])
     return (f"{title}\n\n{intro}\n\n"
             "Every page is a notebook of the course, executed; the link at the top of each page downloads the "

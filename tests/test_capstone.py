@@ -173,7 +173,7 @@ def test_every_capstone_check_is_registered_with_points():
 # LoRALinear and add_lora as the solution notebook defines them (the checks refuse the course's reference)
 
 
-SOLUTION = solution_cells("05_capstone_lab.ipynb", "lora-linear", "add-lora")
+SOLUTION = solution_cells("06_capstone_lab.ipynb", "lora-linear", "add-lora")
 SolutionLoRA, solution_add_lora = SOLUTION["LoRALinear"], SOLUTION["add_lora"]
 
 

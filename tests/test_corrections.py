@@ -73,7 +73,7 @@ def test_timing_verdict_with_a_fake_timer_that_sees_no_difference(monkeypatch):
     assert dropout.timing_verdict(cost["round_ratios"]) == "not resolved"
 
 
-# ----------------------------------------------------------------------- 05 regimes-table
+# ----------------------------------------------------------------------- 06 regimes-table
 def regimes_rows(sft_tokens=10_000 * 500, published=None):
     published = published or capstone.PUBLISHED_REGIMES
     lora_params = 32 * 4 * lora_parameter_count(4096, 4096, r=16)

@@ -347,7 +347,7 @@ def test_student_code_runs_as_another_user_when_the_grader_is_root(tmp_path):
 
 # every lab with checks, so each new answer cell (an open experiment's design, say) is graded full in the
 # solution and zero in the untouched lab
-REAL_LABS = [name for name in ["dropout", "weight_decay", "label_smoothing", "clipping", "capstone"]
+REAL_LABS = [name for name in ["dropout", "weight_decay", "label_smoothing", "clipping", "stability", "capstone"]
              if (ROOT / "reglab" / "topics" / name / "checks.py").exists()
              and list((ROOT / "solutions").glob(f"*_{name}_lab.ipynb"))]
 
@@ -367,6 +367,43 @@ def test_a_real_lab_gives_the_solution_full_marks_and_the_lab_zero(name, tmp_pat
     assert rows["solution"]["status"] == "graded", rows["solution"]["reason"]
     assert rows["solution"]["score"] == rows["solution"]["max_score"] != "0"
     assert rows["lab"]["status"] == "graded" and {rows["lab"][c] for c in check_ids} == {"0"}
+
+
+# each misconception of the stability lab, written into its solution: the checks it breaks, the points it loses
+STABILITY_MISCONCEPTIONS = {
+    "normalized_after": ("qk-norm-scores", "    q, k = q_norm(q), k_norm(k)",
+                         "    return F.layer_norm(q @ k.transpose(-2, -1) / math.sqrt(k.size(-1)), (q.size(-2),))",
+                         {"stability.qk_norm_scores", "stability.qk_norm_grads"}),
+    "wrong_axis": ("z-loss", "torch.logsumexp(logits.float(), dim=-1)", "torch.logsumexp(logits.float(), dim=0)",
+                   {"stability.z_loss", "stability.z_loss_grad", "stability.training_loss"}),
+    "not_in_logged_loss": ("z-loss", "    return ce + z_loss(logits, coef)", "    return ce",
+                           {"stability.training_loss"}),
+}
+
+
+def test_each_stability_misconception_loses_exactly_the_points_of_its_checks(tmp_path):
+    from reglab.checks import get
+    solution_path = next((ROOT / "solutions").glob("*_stability_lab.ipynb"))
+    solution = json.loads(solution_path.read_text(encoding="utf-8"))
+    folder = tmp_path / "submissions"
+    folder.mkdir()
+    for name, (cell_id, old, new, _) in STABILITY_MISCONCEPTIONS.items():
+        notebook = copy.deepcopy(solution)
+        cell = notebook["cells"][index_of(notebook, cell_id)]
+        source = "".join(cell["source"])
+        assert old in source, (name, old)
+        cell["source"] = source.replace(old, new, 1)
+        (folder / f"{name}.ipynb").write_text(dumps(notebook), encoding="utf-8")
+    run = grade_cli("stability", folder, "--out", tmp_path / "out", "--workers", 2, "--timeout", 300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = read_rows(tmp_path / "out")
+    for name, (_, _, _, broken) in STABILITY_MISCONCEPTIONS.items():
+        row = rows[name]
+        assert row["status"] == "graded", row["reason"]
+        check_ids = [c for c in row if c.startswith("stability.")]
+        assert {c for c in check_ids if row[c] == "0"} == broken, (name, row)
+        lost = sum(get(c).points for c in broken)
+        assert float(row["score"]) == float(row["max_score"]) - lost, (name, row)
 
 
 @pytest.mark.parametrize("content, reason", [

@@ -100,7 +100,7 @@ def test_the_site_has_the_home_page_every_lecture_lab_and_the_ledger_and_no_solu
     built = {p.relative_to(html).with_suffix("").as_posix() for p in pages(html)}
     expected = {"index", *(f"{d}/{p.stem}" for d in ("notebooks", "labs") for p in (ROOT / d).glob("*.ipynb"))}
     assert expected <= built, f"pages missing: {sorted(expected - built)}"
-    assert "notebooks/06_claims_ledger" in built
+    assert "notebooks/07_claims_ledger" in built
     assert not any(part == "solutions" for p in html.rglob("*") for part in p.relative_to(html).parts)
     home = (html / "index.html").read_text(encoding="utf-8")
     for page in sorted(expected - {"index"}):

@@ -55,7 +55,7 @@ CLAIMS: list[Claim] = [
           "masks add memory; drawing and applying them is extra work, and the step time is measured and "
           "printed with its verdict, not asserted. What dropout really costs is slower convergence per step.",
           "wrong", "PyTorch torch.nn.functional.dropout (masks after the computation); the course's FLOP, "
-          "memory and step-time measurements", "01: What it costs, measured; 05 lab: Pretraining in one pass",
+          "memory and step-time measurements", "01: What it costs, measured; 06 lab: Pretraining in one pass",
           basis="measured by the course", cells=("notebooks/01_dropout.ipynb#cost-time",)),
     Claim("dropout-p-convention", "dropout",
           "The dropout rate p is the probability of keeping a unit.",
@@ -93,7 +93,7 @@ CLAIMS: list[Claim] = [
           "The model was trained without dropout; dropout 0.1 is used for fine-tuning in most cases (PaLM "
           "names no site: the course's fine-tuning recipe puts it on the residual branches by its own choice).",
           "correct", "Chowdhery et al. 2022 (PaLM), §5 (Training setup)",
-          "01: Why large-scale pretraining uses none; 05: The two recipes"),
+          "01: Why large-scale pretraining uses none; 06: The two recipes"),
     Claim("llama-dropout", "dropout",
           "Llama 2 and Llama 3 use dropout 0.1 (or: state that they use none).",
           "Neither paper mentions dropout. Llama 2's pretraining details give AdamW, the schedule, weight "
@@ -106,7 +106,7 @@ CLAIMS: list[Claim] = [
           "nanoGPT pretrains with dropout 0 and suggests 0.1 or more for fine-tuning.",
           "train.py sets dropout = 0.0 with the comment that 0 is good for pretraining and 0.1+ worth "
           "trying for fine-tuning; weight_decay = 0.1 and grad_clip = 1.0 in the same file.",
-          "correct", "karpathy/nanoGPT, train.py (default config)", "05: The two recipes"),
+          "correct", "karpathy/nanoGPT, train.py (default config)", "06: The two recipes"),
     Claim("dropout-typical-values", "dropout",
           "Typical values: p = 0.5 for fully connected layers, 0.1-0.2 for convolutional layers, 0.1 for "
           "transformers.",
@@ -145,12 +145,12 @@ CLAIMS: list[Claim] = [
           "GPT-3 used AdamW with weight decay 0.1.",
           "Adam with beta1 = 0.9, beta2 = 0.95, eps = 1e-8, and weight decay 0.1 citing Loshchilov & "
           "Hutter's decoupled decay.",
-          "correct", "Brown et al. 2020 (GPT-3), App. B", "02: Published settings; 05: The two recipes"),
+          "correct", "Brown et al. 2020 (GPT-3), App. B", "02: Published settings; 06: The two recipes"),
     Claim("llama2-adamw", "weight decay",
           "Llama 2 used AdamW with weight decay 0.1 and gradient clipping 1.0.",
           "AdamW (beta1 0.9, beta2 0.95, eps 1e-5), cosine schedule with 2000 warmup steps down to 10% "
           "of the peak, weight decay 0.1, gradient clipping 1.0.",
-          "correct", "Touvron et al. 2023 (Llama 2), §2.2", "02: Published settings; 05: The two recipes"),
+          "correct", "Touvron et al. 2023 (Llama 2), §2.2", "02: Published settings; 06: The two recipes"),
     Claim("palm-adamw", "weight decay",
           "PaLM was trained with AdamW and weight decay 0.1.",
           "PaLM used Adafactor without factorization (in effect Adam with parameter scaling) and a "
@@ -167,7 +167,7 @@ CLAIMS: list[Claim] = [
           "adds the decay to the update outside Adam's moments, i.e. decoupled, exempts LayerNorm "
           "and bias parameters, and clips gradients at global norm 1.0.",
           "wrong", "Devlin et al. 2019 (BERT), App. A.2; google-research/bert optimization.py "
-          "(AdamWeightDecayOptimizer)", "02: Published settings; 03: Where it is used; 05: The two recipes",
+          "(AdamWeightDecayOptimizer)", "02: Published settings; 03: Where it is used; 06: The two recipes",
           cells=("notebooks/03_label_smoothing.ipynb#where-used",)),
     Claim("finetuning-lowers-wd", "weight decay",
           "Fine-tuning recipes always lower the weight decay.",
@@ -175,7 +175,7 @@ CLAIMS: list[Claim] = [
           "3e-4 for 7B), so the decay per step, lr * lambda, still fell 15-fold. BERT and LoRA's GPT-2 "
           "runs used 0.01; QLoRA used 0.",
           "wrong", "Touvron et al. 2023, §3.1 and Table 1; Devlin et al. 2019, App. A.2; Dettmers et al. "
-          "2023, App. B", "05: What the decay amounts to per step"),
+          "2023, App. B", "06: What the decay amounts to per step"),
     # ------------------------------------------------------------------ label smoothing
     Claim("transformer-label-smoothing", "label smoothing",
           "The original Transformer used label smoothing 0.1.",
@@ -252,18 +252,18 @@ CLAIMS: list[Claim] = [
           "LoraConfig's defaults are r = 8, lora_alpha = 8, lora_dropout = 0.0: dropout is off unless "
           "you set it.",
           "wrong", "Hugging Face PEFT, src/peft/tuners/lora/config.py (LoraConfig)",
-          "05: LoRA; 05 lab: Fine-tuning"),
+          "06: LoRA; 06 lab: Fine-tuning"),
     Claim("lora-paper-dropout", "fine-tuning",
           "The LoRA paper fine-tuned GPT-2 with lora_dropout 0.1.",
           "GPT-2 Medium on E2E: r = 4, alpha = 32, dropout 0.1, weight decay 0.01, label smoothing 0.1, "
           "lr 2e-4, 5 epochs (the authors' command passes --lora_dropout 0.1).",
-          "correct", "Hu et al. 2021 (LoRA), App. D; microsoft/LoRA examples/NLG/README.md", "05: The two recipes"),
+          "correct", "Hu et al. 2021 (LoRA), App. D; microsoft/LoRA examples/NLG/README.md", "06: The two recipes"),
     Claim("qlora-dropout", "fine-tuning",
           "QLoRA used lora_dropout 0.05.",
           "0.1 for the 7B and 13B models and 0.05 for 33B and 65B (with weight decay 0 and max_grad_norm "
           "0.3 in the released scripts).",
           "wrong", "Dettmers et al. 2023 (QLoRA), App. B; artidoro/qlora scripts/finetune_guanaco_*.sh",
-          "05: The two recipes"),
+          "06: The two recipes"),
     Claim("lora-init-and-scale", "fine-tuning",
           "LoRA starts B at zero and A at random, and scales the update by alpha / r.",
           "A random Gaussian, B zero, so BA = 0 at the start; the update BAx is scaled by alpha/r, and "
@@ -271,33 +271,33 @@ CLAIMS: list[Claim] = [
           "the scaling reduces retuning when r changes, it does not make the update's size independent of "
           "r: rsLoRA shows alpha/r slows learning at large r and alpha/sqrt(r) is stable (PEFT: use_rslora).",
           "correct", "Hu et al. 2021 (LoRA), §4.1; Kalajdzievski 2023 (rsLoRA); Hugging Face PEFT LoraConfig",
-          "05: LoRA", cells=("notebooks/05_capstone.ipynb#lora",)),
+          "06: LoRA", cells=("notebooks/06_capstone.ipynb#lora",)),
     Claim("lora-no-latency", "fine-tuning",
           "A LoRA model is slower at inference than the base model.",
           "W + BA can be computed and stored once, after which inference runs a plain linear layer with "
           "no extra latency; the course checks that the merged layer gives the same outputs.",
-          "wrong", "Hu et al. 2021 (LoRA), §4.1 (No additional inference latency)", "05: LoRA"),
+          "wrong", "Hu et al. 2021 (LoRA), §4.1 (No additional inference latency)", "06: LoRA"),
     Claim("chinchilla-tokens-per-parameter", "fine-tuning",
           "Compute-optimal training uses about 20 tokens per parameter.",
           "Model size and tokens should grow in equal proportion; the estimated compute-optimal token "
           "counts are about 20 per parameter (1B parameters: about 20B tokens), and Chinchilla itself "
           "has 70B parameters trained on 1.4T tokens.",
-          "correct", "Hoffmann et al. 2022 (Chinchilla), Table 3 and §4", "05: The regime map"),
+          "correct", "Hoffmann et al. 2022 (Chinchilla), Table 3 and §4", "06: The regime map"),
     Claim("single-pass-dropout-hurts", "fine-tuning",
           "Dropout 0.1 is a harmless default when pretraining on data seen once.",
           "At equal steps on data seen once, the course's dropout-0.1 run ends at a higher validation "
           "loss than the dropout-0 run: with no repeated data there is nothing to overfit, and dropout "
           "only slows learning (and each step is slower).",
-          "wrong", "the course's runs: 05 lab, record keys pretraining.*",
-          "05 lab: Pretraining in one pass", basis="measured by the course"),
+          "wrong", "the course's runs: 06 lab, record keys pretraining.*",
+          "06 lab: Pretraining in one pass", basis="measured by the course"),
     Claim("lora-no-forgetting", "fine-tuning",
           "LoRA does not forget what the base model knew.",
           "In the course's runs the loss of a LoRA-fine-tuned model on the original corpus still rises: "
           "the adapters change the function, only within a low-rank subspace of the attention weights. "
           "(On average it rose less than with full fine-tuning; whether by more than the seed-to-seed "
           "spread depends on the budget: see the record's effects.)",
-          "wrong", "the course's runs: 05 lab, record keys finetuning.*.forgetting",
-          "05 lab: Fine-tuning", basis="measured by the course"),
+          "wrong", "the course's runs: 06 lab, record keys finetuning.*.forgetting",
+          "06 lab: Fine-tuning", basis="measured by the course"),
     # ------------------------------------------------------------------ training stability
     Claim("palm-z-loss", "training stability",
           "PaLM added a z-loss of 1e-4 * log^2 Z to keep the softmax normalizer near 1.",

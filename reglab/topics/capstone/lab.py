@@ -498,7 +498,7 @@ def show_finetune_run(runs: dict[str, list[Run]], label: str, orig_before: float
           f"original corpus {orig_before:.3f} -> {final['orig_loss']:.3f}")
 
 
-# ------------------------------------------------------------------ the regimes table of notebook 05
+# ------------------------------------------------------------------ the regimes table of notebook 06
 CHINCHILLA_TOKENS_PER_PARAMETER = 20      # Hoffmann et al. 2022: compute-optimal at about 20 tokens per parameter
 
 
