@@ -35,7 +35,7 @@ class LabSettings:
     batch_size: int              # windows per step
     lr: float                    # AdamW peak learning rate (warmup, then cosine to lr / 10)
     # --- 1. small data, many epochs (2. reuses it, one site at a time) ---
-    train_chars: int             # only the first train_chars of the train split: small enough to overfit
+    train_chars: int             # train_chars of the train split, in chunks from all over it: small enough to overfit
     steps: int                   # optimizer steps; epochs = steps * batch_size * block_size / train_chars
     eval_every: int
     # --- 3. single pass: each training window is seen once ---
@@ -120,9 +120,13 @@ def label(p: float) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 def small_data_task(settings: LabSettings, corpus: str, session):
-    """The first train_chars of the corpus's train split, windows drawn at random (many epochs)."""
+    """train_chars of the corpus in evenly spaced chunks, validated on chunks from all over it (`corpus_task`
+    with spread=True), windows drawn at random (many epochs). Cut from the beginning instead, a small sample is
+    about whatever the text starts with and the val split about whatever it ends with. Measured on a 560 kB
+    text of stdlib docstrings (cpu model, 900 steps, seeds 0 and 1, best val loss): cut from the beginning,
+    p = 0 2.91 and p = 0.2 2.96; spread, 2.73 and 2.73, and the val loss measures what the model learned."""
     return corpus_task(corpus, settings.block_size, settings.batch_size, max_train_chars=settings.train_chars,
-                       seed=session.seed, device=session.device)
+                       spread=True, seed=session.seed, device=session.device)
 
 
 def _seeds(settings: LabSettings, session) -> list[int]:
