@@ -2,7 +2,7 @@
 design passes its check and the lab's record of it has the lab's fields; a design over the budget, or a
 malformed one, is refused with a message naming the problem, before anything trains; an unwritten design
 reports not implemented. What a design finds is never judged. (Dropout's own cases are in
-tests/test_dropout_effect.py.)"""
+tests/test_dropout_effect.py, stability's in tests/test_stability_lab.py.)"""
 from __future__ import annotations
 
 import json
@@ -58,6 +58,18 @@ LABS = {
                    (lambda s: {"a": (1.0, 0, 5), "b": (1.0, s.lr, 5)}, "run 'a': lr must be a positive number, got 0"),
                    (lambda s: {"a": (1.0, 5), "b": (1.0, s.lr, 5)}, "run 'a' must be (weight_decay, lr, steps)"),
                    (lambda s: {}, "a design is a non-empty dict {label: (weight_decay, lr, steps)}, got dict {}")]),
+    "stability": OpenLab(
+        {"qk_norm", "lr", "steps", "steps_trained", "final_val_loss", "diverged_at", "max_attn_logit"},
+        "largest_stable_lr",
+        over_budget=lambda s: {"a": (False, 0.1, s.open_budget), "b": (True, 0.1, 1)},
+        without_task=lambda s, design: lab_module("stability").open_experiment(s, None, None, design),
+        malformed=[(lambda s: {"a": (True, -1, 5), "b": (False, 0.1, 5)}, "run 'a': lr must be a number in (0, 10], got -1"),
+                   (lambda s: {"a": (True, 0.1, 5), "b": (False, 20.0, 5)},
+                    "run 'b': lr must be a number in (0, 10], got 20.0"),
+                   (lambda s: {"a": (1, 0.1, 5), "b": (False, 0.1, 5)}, "run 'a': qk_norm must be True or False, got 1"),
+                   (lambda s: {"a": (True, 0.1, 5), "b": (True, 0.3, 5)},
+                    "the design needs runs with qk_norm=True and with qk_norm=False"),
+                   (lambda s: {"a": (True, 5), "b": (False, 0.1, 5)}, "run 'a' must be (qk_norm, lr, steps), got (True, 5)")]),
     "capstone": OpenLab(
         {"r", "lora_dropout", "steps", "steps_trained", "final_val_loss", "forgetting"},
         "least_forgetting",

@@ -301,7 +301,7 @@ def test_settings_exist_for_every_budget_and_span_a_decade():
     for budget in ("ci", "cpu", "gpu"):
         settings = stability.settings_for(budget)
         assert max(settings.lrs) / min(settings.lrs) >= 10 and list(settings.lrs) == sorted(settings.lrs)
-        assert settings.n_seeds >= 2 and settings.open_steps >= 2
+        assert settings.n_seeds >= 2 and settings.open_budget >= 2
         assert settings.variant(stability.QK_NORM_Z) == (True, settings.z_loss)
     with pytest.raises(ValueError, match="unknown variant"):
         stability.settings_for("ci").variant("qk")
@@ -354,42 +354,51 @@ def test_the_ci_sweep_runs_every_variant_and_records_the_stability_readings():
 # ------------------------------------------------------------------------------------------ the open experiment
 
 def two_by_two(settings):
-    steps = settings.open_steps // 4
+    steps = settings.open_budget // 4
     return {f"{qk}, {lr:g}": (qk, lr, steps) for qk in (False, True) for lr in (1e-2, 1e-1)}
 
 
 def test_a_design_within_the_budget_passes_and_its_largest_stable_lrs_are_recorded():
-    data = stability_checks.probe_open_experiment(two_by_two)
-    assert check_message("stability.open_experiment", two_by_two) is None
+    data = json.loads(json.dumps(stability_checks.OPEN.probe(two_by_two)))
+    stability_checks.OPEN.judge(data)
     record = data["record"]
-    assert record["steps_spent"] <= record["budget_steps"]
+    assert record["budget_steps"] == stability.settings_for("ci").open_budget
+    assert 0 < record["steps_spent"] <= record["budget_steps"]
+    assert record["stable_margin"] == stability.STABLE_MARGIN
     assert set(record["largest_stable_lr"]) == {"qk-norm", "baseline"}
+    fields = {"qk_norm", "lr", "steps", "steps_trained", "final_val_loss", "diverged_at", "max_attn_logit"}
+    assert all(fields <= set(run) for run in record["runs"].values())
 
 
 def test_a_design_over_the_budget_or_of_one_kind_is_refused_with_a_message():
-    budget = stability.settings_for("ci").open_steps
+    budget = stability.settings_for("ci").open_budget
     greedy = check_message("stability.open_experiment", lambda s: {"a": (False, 0.1, budget), "b": (True, 0.1, 1)})
     assert greedy == (f"the open experiment's design is refused: the design spends {budget + 1} optimizer steps, "
                       f"over the budget of {budget}")
     one_kind = check_message("stability.open_experiment", lambda s: {"a": (True, 0.1, 5), "b": (True, 0.3, 5)})
-    assert "needs runs with qk_norm=True and with qk_norm=False" in one_kind
-    assert "lr must be a number in (0, 10]" in check_message("stability.open_experiment",
-                                                            lambda s: {"a": (True, -1, 5), "b": (False, 0.1, 5)})
+    assert "the question compares: the design needs runs with qk_norm=True and with qk_norm=False" in one_kind
+    assert "run 'a': lr must be a number in (0, 10], got -1" in check_message(
+        "stability.open_experiment", lambda s: {"a": (True, -1, 5), "b": (False, 0.1, 5)})
+    assert "run 'a': qk_norm must be True or False, got 1" in check_message(
+        "stability.open_experiment", lambda s: {"a": (1, 0.1, 5), "b": (False, 0.1, 5)})
     assert "must return a dict" in check_message("stability.open_experiment", lambda s: [(True, 0.1, 5)])
     with pytest.raises(ValueError, match="over the budget of"):
         stability.open_experiment(stability.settings_for("ci"), None, None,
                                   lambda s: {"a": (False, 0.1, budget), "b": (True, 0.1, 1)})
 
 
-def test_probe_data_that_claims_fewer_steps_than_designed_fails():
-    data = stability_checks.probe_open_experiment(two_by_two)
+def test_a_run_may_end_early_at_a_divergence_but_never_train_more_than_designed():
+    """OPEN_DESIGN.may_stop_early: a diverged run trains fewer steps than planned; more is forged data."""
+    data = json.loads(json.dumps(stability_checks.OPEN.probe(two_by_two)))
     name = next(iter(data["record"]["runs"]))
     data["record"]["runs"][name]["steps_trained"] -= 1
+    stability_checks.OPEN.judge(data)
+    data["record"]["runs"][name]["steps_trained"] += 2
     with pytest.raises(CheckFailed, match="trained .* steps, its design says"):
-        stability_checks.judge_open_experiment(data)
+        stability_checks.OPEN.judge(data)
     del data["record"]
     with pytest.raises(CheckFailed, match="was not run"):
-        stability_checks.judge_open_experiment(data)
+        stability_checks.OPEN.judge(data)
 
 
 def test_the_stable_rule_takes_the_largest_lr_within_the_margin_of_the_best_of_its_kind():

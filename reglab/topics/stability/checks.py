@@ -11,6 +11,9 @@ The student writes three functions:
 - `training_loss(logits, targets, coef)`: the one number the trainer both backpropagates and logs:
   cross-entropy + z_loss(logits, coef) (as `reglab.train` does: history.loss holds what was backpropagated).
 
+The open experiment's check ("stability.open_experiment", from reglab.experiments) only confirms that the
+student's open_design(settings) ran within its budget of optimizer steps: what it finds has no fixed answer.
+
 Every probe builds its inputs itself from a named case below; every judge rebuilds the same case and computes
 the answer in float64, so the data the probe returns holds only what the student's code did. A failure names
 the misconception its numbers match: normalizing after the dot product, the z-loss on the wrong axis,
@@ -24,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from reglab.checks import Check, CheckFailed, Shortcut, add, refuse
+from reglab.experiments import open_check
 
 # float32 against a float64 answer: a product of hs = 8 terms and a LayerNorm carry ~1e-6 relative error;
 # 1e-4 leaves room, and every wrong answer below differs by far more (checked in tests/test_stability_lab.py)
@@ -532,53 +536,7 @@ add(Check("stability.training_loss", 2, probe_training_loss, judge_training_loss
 # The open experiment: a design the student chose, run within the budget (no fixed answer)
 # --------------------------------------------------------------------------------------------------
 
-OPEN_BUDGET = "ci"    # the probe runs the design at this budget's settings, as the grader runs the lab
-
-
-def probe_open_experiment(design) -> dict:
-    """Ask the design for its runs at the ci settings and, if the budget allows them, train them (one seed,
-    the built-in corpus, the lab's sweep); return the record of what ran."""
-    from reglab.data import corpus_task
-    from reglab.topics.stability.lab import design_problems, open_experiment, open_record, settings_for
-    settings = settings_for(OPEN_BUDGET)
-    runs = design(settings)
-    if not isinstance(runs, dict):
-        return {"design": repr(runs)[:200]}
-    described = {str(name): list(run) if isinstance(run, (tuple, list)) else repr(run)[:80]
-                 for name, run in runs.items()}
-    if design_problems(runs, settings.open_steps):
-        return {"design": described}
-    with torch.random.fork_rng(devices=[]):
-        text, task = corpus_task("builtin", settings.block_size, settings.batch_size, seed=0, device="cpu")
-        results = open_experiment(settings, task, text.vocab_size, design, seed=0, progress=False)
-    return {"design": described, "record": open_record(settings, runs, results)}
-
-
-def judge_open_experiment(data: dict) -> None:
-    from reglab.topics.stability.lab import design_problems, settings_for
-    budget = settings_for(OPEN_BUDGET).open_steps          # the grader's budget, not the probe's word for it
-    design = data.get("design") if isinstance(data, dict) else None
-    if not isinstance(design, dict):
-        raise CheckFailed(f"open_design(settings) must return a dict {{label: (qk_norm, lr, steps)}}; it returned "
-                          f"{design}")
-    runs = {name: tuple(run) if isinstance(run, list) else run for name, run in design.items()}
-    problems = design_problems(runs, budget)
-    if problems:
-        raise CheckFailed("the open experiment's design is refused: " + "; ".join(problems))
-    record = data.get("record")
-    if not isinstance(record, dict) or set(record.get("runs", {})) != set(runs):
-        raise CheckFailed("the design was not run: the probe found no result for each of its runs")
-    for name, found in record["runs"].items():
-        diverged = found.get("diverged_at")
-        if diverged is None and found["steps_trained"] != runs[name][2]:
-            raise CheckFailed(f"run {name!r} trained {found['steps_trained']} steps, its design says {runs[name][2]}")
-    spent = sum(found["steps_trained"] for found in record["runs"].values())
-    if spent > budget:
-        raise CheckFailed(f"the runs trained {spent} optimizer steps, over the budget of {budget}")
-
-
-add(Check("stability.open_experiment", 1, probe_open_experiment, judge_open_experiment,
-          "your open experiment's design runs within its budget of optimizer steps (what it finds is yours)"))
+OPEN = add(open_check("stability"))   # reglab.experiments: the design ran within its budget (what it found is yours)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from reglab.budget import by_budget
+from reglab.experiments import Design, record
 from reglab.model import GPTConfig
 from reglab.plots import colors_for, plot_highlighted
 from reglab.train import Run, TrainConfig, sweep
@@ -46,7 +47,7 @@ class StabilityLabSettings:
     z_loss: float                # the z-loss coefficient of the "qk-norm + z-loss" variant
     z_coefs: tuple[float, ...]   # experiment 3: coefficients at the high lr with qk-norm (0 and z_loss come from 1)
     warmup_steps: int = 10       # short: a long warmup hides the instabilities (Wortsman et al. 2023, §3.2.1)
-    open_steps: int = 0          # experiment 4's budget of optimizer steps, all runs together
+    open_budget: int = 0         # experiment 4's budget of optimizer steps, all runs together (one seed each)
     z_seeds: int = 1             # seeds of experiment 3's extra runs
     workers: int | str = 1       # runs trained at once, one process and one core each ("auto": every core);
                                  # ci stays at 1 (the grader's sandbox runs one process per submission)
@@ -77,7 +78,7 @@ SETTINGS = {
     # seconds on one CPU thread: a toy model, three lrs, every code path of the cpu run; no effect expected
     "ci": StabilityLabSettings(n_seeds=2, n_layer=1, n_embd=32, n_head=2, block_size=32, batch_size=8, steps=30,
                                eval_every=10, lrs=(3e-3, 3e-2, 3e-1), z_loss=1e-2, z_coefs=(1e-1,),
-                               warmup_steps=3, open_steps=60),
+                               warmup_steps=3, open_budget=60),
     # 2 layers x 64, 300 steps (warmup 30), 5 lrs x 3 variants x 2 seeds + 3 z-loss runs + a 600-step open
     # experiment: 10,500 optimizer steps. Tried on a loaded 2-core machine (one thread, other jobs running;
     # the lead times it idle), seeds 0 and 1, final val loss at lr 3e-3 / 1e-2 / 3e-2 / 1e-1 / 3e-1:
@@ -92,12 +93,12 @@ SETTINGS = {
     # 2.35, above both optima, left out to save time.) A 300-step run took 10-30 s there, with the load.
     "cpu": StabilityLabSettings(n_seeds=2, n_layer=2, n_embd=64, n_head=4, block_size=64, batch_size=16, steps=300,
                                 eval_every=50, lrs=(3e-3, 1e-2, 3e-2, 1e-1, 3e-1), z_loss=1e-2,
-                                z_coefs=(1e-4, 1e-3, 1e-1), warmup_steps=30, open_steps=600, workers="auto"),
+                                z_coefs=(1e-4, 1e-3, 1e-1), warmup_steps=30, open_budget=600, workers="auto"),
     # not measured: nanoGPT's baby-GPT shape (6 layers, 384 wide, 10.7M parameters), the same lrs and three
     # seeds: 54 runs of 1000 steps, expected to take tens of minutes on one GPU
     "gpu": StabilityLabSettings(n_seeds=3, n_layer=6, n_embd=384, n_head=6, block_size=256, batch_size=64,
                                 steps=1000, eval_every=50, lrs=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1), z_loss=1e-2,
-                                z_coefs=(1e-4, 1e-3, 1e-1), warmup_steps=50, open_steps=4000, z_seeds=2),
+                                z_coefs=(1e-4, 1e-3, 1e-1), warmup_steps=50, open_budget=4000, z_seeds=2),
 }
 
 
@@ -367,43 +368,36 @@ def z_record(z_results: dict) -> dict:
 STABLE_MARGIN = 0.1   # nats: a run is stable if it finished within this of the best final loss of its kind
 
 
-def design_problems(runs, budget_steps: int) -> list[str]:
-    """What is wrong with a design {label: (qk_norm, lr, steps)} for a budget of budget_steps optimizer
-    steps in all (summed over its runs, one seed each); [] when nothing is."""
-    if not isinstance(runs, dict) or not runs:
-        return [f"a design is a non-empty dict {{label: (qk_norm, lr, steps)}}, got {type(runs).__name__} {runs!r:.80}"]
-    problems, total, kinds = [], 0, set()
-    for name, run in runs.items():
-        if not (isinstance(run, (tuple, list)) and len(run) == 3):
-            problems.append(f"run {name!r} must be (qk_norm, lr, steps), got {run!r:.80}")
-            continue
-        qk_norm, lr, steps = run
-        if not isinstance(qk_norm, bool):
-            problems.append(f"run {name!r}: qk_norm must be True or False, got {qk_norm!r}")
-        else:
-            kinds.add(qk_norm)
-        if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr <= 10):
-            problems.append(f"run {name!r}: lr must be a number in (0, 10], got {lr!r}")
-        if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
-            problems.append(f"run {name!r}: steps must be a positive integer, got {steps!r}")
-        else:
-            total += steps
-    if not problems and kinds != {True, False}:
-        problems.append("the question compares: the design needs runs with qk_norm=True and with qk_norm=False")
-    if total > budget_steps:
-        problems.append(f"the design spends {total} optimizer steps, over the budget of {budget_steps}")
+def qk_lr_problems(qk_norm, lr) -> list[str]:
+    """What is wrong with a run's (qk_norm, lr); [] when nothing is."""
+    problems = []
+    if not isinstance(qk_norm, bool):
+        problems.append(f"qk_norm must be True or False, got {qk_norm!r}")
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr <= 10):
+        problems.append(f"lr must be a number in (0, 10], got {lr!r}")
     return problems
 
 
+def both_kinds(runs: dict) -> list[str]:
+    """The question compares with and without qk-norm: a design needs a run of each."""
+    if {qk_norm for qk_norm, _, _ in runs.values()} != {True, False}:
+        return ["the question compares: the design needs runs with qk_norm=True and with qk_norm=False"]
+    return []
+
+
+# a run may end early: at its first non-finite loss (sweep(..., diverged="record"))
+OPEN_DESIGN = Design(knobs=("qk_norm", "lr"), knob_problems=qk_lr_problems, design_rules=both_kinds,
+                     may_stop_early=True)
+
+
 def open_experiment(settings: StabilityLabSettings, task, vocab_size: int, design, seed: int = 0,
-                    progress: bool = True) -> dict:
+                    progress: bool = True) -> dict[str, list[Run]]:
     """Run the student's design (a function of the settings returning {label: (qk_norm, lr, steps)}) with the
-    lab's sweep, one seed each, no z-loss. Refuses a design over settings.open_steps optimizer steps in all.
-    Returns {label: [Run]} like the other runners."""
-    runs = design(settings)
-    problems = design_problems(runs, settings.open_steps)
-    if problems:
-        raise ValueError("the open experiment's design is refused: " + "; ".join(problems))
+    lab's sweep, one seed each, no z-loss; a divergence ends a run and is recorded. Returns {label: [Run]}
+    like the other runners.
+
+    Refuses a design that spends more than settings.open_budget optimizer steps in all, before training."""
+    runs = OPEN_DESIGN.planned(design, settings)
     configs = {name: (settings.gpt(vocab_size, qk_norm), settings.train_config(float(lr), steps=steps))
                for name, (qk_norm, lr, steps) in runs.items()}
     return sweep(configs, task, seeds=[seed], progress=progress, diverged="record",
@@ -427,6 +421,12 @@ def open_record(settings: StabilityLabSettings, runs: dict, results: dict) -> di
         stable = [row["lr"] for row in mine if row["final_val_loss"] is not None
                   and row["final_val_loss"] <= min(finished) + STABLE_MARGIN]
         largest[key] = max(stable) if stable else None
-    return {"budget_steps": settings.open_steps, "stable_margin": STABLE_MARGIN,
-            "steps_spent": sum(row["steps_trained"] for row in found.values()), "runs": found,
-            "largest_stable_lr": largest}
+    return record(settings.open_budget, found, stable_margin=STABLE_MARGIN, largest_stable_lr=largest)
+
+
+def open_graded(settings: StabilityLabSettings, design) -> dict:
+    """The design as the grader runs it (the built-in corpus, the CPU, seed 0, no progress bars): its record."""
+    from reglab.data import corpus_task
+    text, task = corpus_task("builtin", settings.block_size, settings.batch_size, seed=0, device="cpu")
+    return open_record(settings, design(settings), open_experiment(settings, task, text.vocab_size, design,
+                                                                   progress=False))
