@@ -468,26 +468,48 @@ def _one_thread() -> None:
     torch.set_num_threads(1)             # each worker one core: the runs, not the ops, are parallel
 
 
-def parallel_runs(jobs: list, common: tuple, workers: int, progress: bool) -> list[Run]:
-    """sweep's jobs in `workers` processes at once (started fresh: a forked PyTorch can hang in OpenMP),
-    returned in the jobs' order. Everything a job needs travels by pickle, so the model functions and
-    callbacks must be importable (module-level functions, GPTConfigs), not lambdas or closures."""
+_POOLS: dict = {}                        # workers -> a process pool kept for the next sweep (spawning costs seconds)
+
+
+def _pool(workers: int):
+    """A pool of `workers` fresh one-thread processes, started once and kept until this process exits."""
+    import atexit
     import concurrent.futures
     import multiprocessing
+    pool = _POOLS.get(workers)
+    if pool is None or getattr(pool, "_broken", False):
+        context = multiprocessing.get_context("spawn")    # not fork: a forked PyTorch can hang in OpenMP
+        pool = _POOLS[workers] = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                                                         initializer=_one_thread)
+        atexit.register(pool.shutdown, wait=False, cancel_futures=True)
+    return pool
+
+
+def parallel_runs(jobs: list, common: tuple, workers: int, progress: bool) -> list[Run]:
+    """sweep's jobs in `workers` processes at once, returned in the jobs' order. Everything a job needs
+    travels by pickle, so the model functions and callbacks must be importable (module-level functions,
+    partials of them, GPTConfigs), not lambdas or closures."""
+    import concurrent.futures
     import pickle
     try:
         pickle.dumps((jobs, common))
     except (pickle.PicklingError, AttributeError, TypeError) as err:
         raise TypeError(f"sweep(workers={workers}) sends each run to another process, and a run spec or callback "
                         f"cannot be pickled ({err}); pass module-level functions, or workers=1") from None
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread) as pool:
-        futures = [pool.submit(train_run, *job, *common, progress=False) for job in jobs]
-        show = progress and os.environ.get("REGLAB_PROGRESS", "1") != "0"
+    pool = _pool(workers)
+    futures = [pool.submit(train_run, *job, *common, progress=False) for job in jobs]
+    show = progress and os.environ.get("REGLAB_PROGRESS", "1") != "0"
+    try:
         for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), disable=not show,
                            desc=f"{len(jobs)} runs, {workers} at once", leave=False):
             future.result()                                  # a worker's error surfaces here
-        return [future.result() for future in futures]
+    except BaseException:                                    # interrupted, or a run failed: stop the rest now
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        _POOLS.pop(workers, None)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    return [future.result() for future in futures]
 
 
 def histories(results: dict[Hashable, list[Run]]) -> dict[Hashable, list[History]]:
