@@ -465,7 +465,9 @@ def resolve_workers(workers: int | str, device) -> int:
 
 
 def _one_thread() -> None:
+    import signal
     torch.set_num_threads(1)             # each worker one core: the runs, not the ops, are parallel
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C (a kernel interrupt) is the parent's: it stops the workers
 
 
 _POOLS: dict = {}                        # workers -> a process pool kept for the next sweep (spawning costs seconds)
