@@ -221,13 +221,10 @@ def evaluate(model: torch.nn.Module, task, split: str, amp: bool = True) -> dict
 
 
 @torch.no_grad()
-def attention_logits(model: GPT, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One eval-mode forward of x (B, T): each layer's pre-softmax logits q k^T / sqrt(hs), (B, nh, T, T) in
-    float32 with the future masked to -inf, and the model's output logits.
-
-    q and k are read as they leave q_norm / k_norm (forward hooks; Identity modules when qk_norm is off),
-    so the fused SDPA path needs no change.
-    """
+def _queries_and_keys(model: GPT, x: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """One eval-mode forward of x (B, T): each layer's (q, k), (B, nh, T, hs) as they leave q_norm / k_norm
+    (forward hooks; Identity modules when qk_norm is off, so the fused SDPA path needs no change), and the
+    model's output logits."""
     captured: dict[nn.Module, torch.Tensor] = {}
     attentions = [block.attn for block in model.blocks]
     hooks = [norm.register_forward_hook(lambda module, inputs, output: captured.__setitem__(module, output))
@@ -240,24 +237,39 @@ def attention_logits(model: GPT, x: torch.Tensor) -> tuple[list[torch.Tensor], t
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    T = x.size(1)
-    future = ~torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device))
-    per_layer = []
-    for attn in attentions:
-        q, k = captured[attn.q_norm].float(), captured[attn.k_norm].float()     # (B, nh, T, hs)
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))                 # (B, nh, T, T)
-        per_layer.append(att.masked_fill(future, -math.inf))
-    return per_layer, logits
+    return [(captured[attn.q_norm], captured[attn.k_norm]) for attn in attentions], logits
 
 
+def _masked_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q k^T / sqrt(hs) in float32, (B, nh, T, T), the future masked to -inf."""
+    T = q.size(-2)
+    future = ~torch.tril(torch.ones(T, T, dtype=torch.bool, device=q.device))
+    att = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(k.size(-1))      # (B, nh, T, T)
+    return att.masked_fill(future, -math.inf)
+
+
+@torch.no_grad()
+def attention_logits(model: GPT, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One eval-mode forward of x (B, T): each layer's pre-softmax logits q k^T / sqrt(hs), (B, nh, T, T) in
+    float32 with the future masked to -inf, and the model's output logits.
+
+    q and k are read as they leave q_norm / k_norm (forward hooks), so the fused SDPA path needs no change.
+    Every layer's (B, nh, T, T) is kept: for a plot or a check; `stability_stats` keeps one at a time.
+    """
+    qk, logits = _queries_and_keys(model, x)
+    return [_masked_logits(q, k) for q, k in qk], logits
+
+
+@torch.no_grad()
 def stability_stats(model: GPT, x: torch.Tensor) -> dict[str, float]:
     """The two quantities Wortsman et al. 2023 watch diverge, on one batch x (B, T), in eval mode, float32:
 
     "max_attn_logit": the largest pre-softmax attention logit q.k / sqrt(hs) over layers, heads and causal
-    positions (`attention_logits`); "log_z": the mean over predictions of log Z = logsumexp of the output logits.
+    positions (the logits of `attention_logits`, one layer's (B, nh, T, T) in memory at a time); "log_z": the
+    mean over predictions of log Z = logsumexp of the output logits.
     """
-    per_layer, logits = attention_logits(model, x)
-    return {"max_attn_logit": max(float(att.max()) for att in per_layer),
+    qk, logits = _queries_and_keys(model, x)
+    return {"max_attn_logit": max(float(_masked_logits(q, k).max()) for q, k in qk),
             "log_z": float(log_partition(logits).mean())}
 
 
