@@ -80,25 +80,30 @@ SETTINGS = {
     "ci": LabSettings(n_seeds=1, n_layer=1, n_embd=32, n_head=2, block_size=32, batch_size=8, lr=3e-3,
                       train_chars=4_000, steps=30, eval_every=10, single_pass_batch=8, single_pass_max_steps=15,
                       recall_facts=32, recall_n_layer=1, recall_n_embd=32, recall_steps=30, recall_batch=32),
-    # 7.3 minutes on 2 idle CPU cores (440 s, the runs two at a time: workers="auto"; over the 5-minute aim,
-    # since 500 or 900 steps did not show the effect), seeds 0/1: best val loss 2.598 (p = 0) vs 2.541
-    # (p = 0.1), -0.057 against a seed spread of 0.039; on 560 kB of stdlib docstrings passed as corpus (the
-    # lab's sweep, idle) 2.743 / 2.730 vs 2.671 / 2.649, -0.077 against 0.022. 65k parameters, 6.5 per
-    # training character, 123 epochs of 10k characters (spread over the corpus) in 1200 steps; p = 0 peaks
-    # near step 600, the dropout runs near the end. Searched before that, on the loaded 2-core machine with a
-    # scratch script (one thread per run; every k-th 1000-character chunk rather than spread_sample's evenly
-    # spaced ones), best val loss per seed (both seeds' mean in brackets):
-    #   built-in corpus, seeds 0/1: p = 0 2.540 / 2.581 (2.561), 0.1 2.578 / 2.536 (2.557): no clear effect;
-    #     seeds 2/3 (1500 steps): p = 0 2.519 / 2.574, 0.1 2.459 / 2.469: -0.082 against a spread of 0.055;
-    #     with 40 eval batches instead of 8 the same picture (seeds 0/1 -0.024, 2/3 -0.064, spreads 0.03-0.04):
-    #     on this corpus (help text with much repeated wording) the gain is about the size of the seed spread;
-    #   560 kB of stdlib docstrings, seeds 0/1: p = 0 2.728 / 2.736 (2.732), 0.1 2.689 / 2.656 (2.673):
-    #     -0.060 against a spread of 0.033 (at 1500 steps -0.068 against 0.020): dropout helps.
-    # (Tried, not better: 500 or 900 steps; batch 32; 64 or 128 wide; 3 layers; 15k-30k characters; the first
+    # Minutes on 2 CPU cores (the runs two at a time: workers="auto"; the README quotes the measured time).
+    # 63k parameters, 6.3 per training character, 102 epochs of 10k characters (spread over the corpus) in
+    # 1000 steps of 32 windows of 32 characters; p = 0 peaks near step 500, the dropout runs near the end.
+    # Dropout's masks dominate a CPU step (PyTorch's CPU random numbers): measured, 23 ms per step at p = 0
+    # and 46 ms at p = 0.1 on one thread; the attention mask (B, nh, T, T) grows with T^2, so 32 characters
+    # of context in windows of 32 cost less than 64 in windows of 16 (the same characters per step), and
+    # show the effect more clearly. Searched with the lab's sweep on 2 workers (ps 0 and 0.1, best val loss
+    # per seed, p = 0 vs p = 0.1):
+    #   this setting, built-in corpus, seeds 0/1: 2.482 / 2.448 vs 2.385 / 2.389: -0.078 against a seed
+    #     spread of 0.035; seeds 2/3: 2.510 / 2.511 vs 2.462 / 2.476: -0.042 against 0.014; 560 kB of stdlib
+    #     docstrings passed as corpus, seeds 0/1:
+    #     2.694 / 2.710 vs 2.633 / 2.638: -0.067 against 0.016;
+    #   1200 steps: -0.099 against 0.033 (seeds 0/1), -0.056 against 0.020 (seeds 2/3), -0.066 against 0.024
+    #     (docstrings), but 5.7 min; 1000 steps at lr 4e-3: -0.088 / 0.045 and -0.073 / 0.038;
+    #   800 steps: -0.054 against 0.063 (built-in): no clear effect;
+    #   64 characters in windows of 16 at 1200 steps (the previous setting; 7 min): -0.057 against 0.039
+    #     (built-in), -0.077 against 0.022 (docstrings), about the seed spread on other seed pairs;
+    #   32 in windows of 16 at 1200 steps: -0.053 against 0.018 (built-in), -0.024 against 0.024 (docstrings):
+    #     too close; windows of 24: -0.053 / 0.028 and -0.061 / 0.054.
+    # (Tried before, not better: 500 or 900 steps; 64 or 128 wide; 3 layers; 15k-30k characters; the first
     # 10k characters of the train split instead of chunks from all over it, on which dropout only hurt.)
-    "cpu": LabSettings(n_seeds=2, n_layer=2, n_embd=48, n_head=4, block_size=64, batch_size=16, lr=3e-3,
-                       train_chars=10_000, steps=1200, eval_every=50, single_pass_batch=16,
-                       single_pass_max_steps=400, recall_facts=512, recall_n_layer=2, recall_n_embd=64,
+    "cpu": LabSettings(n_seeds=2, n_layer=2, n_embd=48, n_head=4, block_size=32, batch_size=32, lr=3e-3,
+                       train_chars=10_000, steps=1000, eval_every=50, single_pass_batch=16,
+                       single_pass_max_steps=300, recall_facts=512, recall_n_layer=2, recall_n_embd=64,
                        recall_steps=500, recall_batch=64, ps=(0.0, 0.1, 0.2), site_seeds=1, workers="auto"),
     # nanoGPT's shakespeare_char baby GPT (6 layers, 384 wide, 256 characters of context, batch 64, lr 1e-3:
     # 10.7M parameters, dropout 0.2; its README reports a val loss of about 1.47 on 1M characters) trained
