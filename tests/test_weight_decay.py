@@ -354,6 +354,25 @@ def test_held_above_stops_a_run_early():
     assert history.final["step"] == 10 and len(history.loss) == 10
 
 
+def test_run_grokking_in_workers_matches_one_thread():
+    """workers=2 (the cpu setting's "auto" on 2 cores) sends held_above and matrix_norm to worker processes:
+    the same histories as one at a time on one thread, stopping at the same steps."""
+    from dataclasses import replace
+    settings = wd_lab.settings_for("ci")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = wd_lab.run_grokking(settings, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    parallel = wd_lab.run_grokking(replace(settings, workers=2), progress=False)
+    assert list(parallel) == list(serial)
+    for label in serial:
+        for one, other in zip(serial[label], parallel[label]):
+            assert one.loss == other.loss and one.evals == other.evals, label
+    assert wd_lab.settings_for("cpu").workers == "auto" and wd_lab.settings_for("ci").workers == 1
+
+
 def test_run_grokking_ci_summary_and_plots():
     settings = wd_lab.settings_for("ci")
     results = wd_lab.run_grokking(settings, progress=False)
