@@ -224,7 +224,7 @@ def evaluate(model: torch.nn.Module, task, split: str, amp: bool = True) -> dict
 def _queries_and_keys(model: GPT, x: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """One eval-mode forward of x (B, T): each layer's (q, k), (B, nh, T, hs) as they leave q_norm / k_norm
     (forward hooks; Identity modules when qk_norm is off, so the fused SDPA path needs no change), and the
-    model's output logits."""
+    model's output logits; under no_grad, so nothing computed from them keeps a graph."""
     captured: dict[nn.Module, torch.Tensor] = {}
     attentions = [block.attn for block in model.blocks]
     hooks = [norm.register_forward_hook(lambda module, inputs, output: captured.__setitem__(module, output))
@@ -248,7 +248,6 @@ def _masked_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return att.masked_fill(future, -math.inf)
 
 
-@torch.no_grad()
 def attention_logits(model: GPT, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """One eval-mode forward of x (B, T): each layer's pre-softmax logits q k^T / sqrt(hs), (B, nh, T, T) in
     float32 with the future masked to -inf, and the model's output logits.
@@ -260,7 +259,6 @@ def attention_logits(model: GPT, x: torch.Tensor) -> tuple[list[torch.Tensor], t
     return [_masked_logits(q, k) for q, k in qk], logits
 
 
-@torch.no_grad()
 def stability_stats(model: GPT, x: torch.Tensor) -> dict[str, float]:
     """The two quantities Wortsman et al. 2023 watch diverge, on one batch x (B, T), in eval mode, float32:
 
